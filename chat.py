@@ -1,0 +1,292 @@
+"""One chat turn: save the user's message, stream the provider's reply, save the reply.
+
+This is the one place where a request, a provider stream and the disk meet, so it owns the
+hard cases: a client that goes away (the upstream is closed at once and the partial reply saved
+as `incomplete`), a provider that fails (the reply is saved as `error`), keep-alives during long
+silences, and a save that must survive the cancellation of the task that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+import storage
+from providers import ChatMessage, ChatRequest, Finish, Provider, ProviderError, ProviderTable, resolve
+from storage import Conversation, Message, Params, StorageError, Store
+
+log = logging.getLogger("chat.turn")
+
+KEEPALIVE_SECONDS = 15.0
+Emit = Callable[[str | None], Awaitable[None]]  # text to relay, or None for a keep-alive
+
+
+@dataclass(frozen=True)
+class TurnOptions:
+    """What the request asked for; None means "the conversation's setting"."""
+
+    model: str | None = None
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+def effective_params(conversation: Conversation, options: TurnOptions) -> Params:
+    params = conversation["params"]
+    return {
+        "temperature": params.get("temperature") if options.temperature is None else options.temperature,
+        "max_tokens": params.get("max_tokens") if options.max_tokens is None else options.max_tokens,
+    }
+
+
+@dataclass
+class Turn:
+    """A turn whose user message and placeholder reply are on disk; `run` streams and saves."""
+
+    store: Store
+    conversation_id: str
+    user_message: Message
+    reply: Message
+    provider: Provider
+    request: ChatRequest
+    saves: set[asyncio.Task[None]]  # shared with the app, which awaits them at shutdown
+    parts: list[str] = field(default_factory=list)
+    finish: Finish | None = None
+    error: ProviderError | None = None
+
+    async def run(self, emit: Emit) -> Message:
+        """Relay the reply through `emit`, then save it; the save survives cancellation."""
+        try:
+            await self._relay(emit)
+        finally:
+            final = self._final_reply()
+            save = asyncio.ensure_future(self.store.finish_reply(self.conversation_id, final))
+            self.saves.add(save)
+            save.add_done_callback(self.saves.discard)
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([save])
+            self._log(final)
+        save.result()  # a failed save raises StorageError here, unless the turn was cancelled
+        return final
+
+    async def _relay(self, emit: Emit) -> None:
+        queue: asyncio.Queue[str | Finish | ProviderError] = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(queue))
+        try:
+            while self.finish is None and self.error is None:
+                try:
+                    async with asyncio.timeout(KEEPALIVE_SECONDS):
+                        item = await queue.get()
+                except TimeoutError:
+                    await emit(None)
+                    continue
+                texts = []
+                while True:  # deltas that arrived together go out as one
+                    if isinstance(item, str):
+                        texts.append(item)
+                    elif isinstance(item, Finish):
+                        self.finish = item
+                    else:
+                        self.error = item
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if texts:
+                    text = "".join(texts)
+                    self.parts.append(text)
+                    await emit(text)
+        finally:
+            pump.cancel()  # closes the upstream connection if it is still open
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([pump])
+
+    async def _pump(self, queue: asyncio.Queue[str | Finish | ProviderError]) -> None:
+        try:
+            async for item in self.provider.stream(self.request):
+                queue.put_nowait(item)
+        except ProviderError as exc:
+            queue.put_nowait(exc)
+        except Exception:
+            log.exception("unexpected error while streaming from %s", self.provider.name)
+            queue.put_nowait(ProviderError(f"unexpected error while streaming from {self.provider.name}"))
+
+    def _final_reply(self) -> Message:
+        reply: Message = {**self.reply, "content": "".join(self.parts)}
+        if self.finish is not None:
+            reply["status"] = "complete"
+            reply["finish_reason"] = self.finish.reason
+            reply["usage"] = {
+                "input_tokens": self.finish.input_tokens,
+                "output_tokens": self.finish.output_tokens,
+            }
+        elif self.error is not None:
+            reply["status"] = "error"
+            reply["error"] = {"type": self.error.type, "message": self.error.detail}
+        return reply
+
+    def _log(self, reply: Message) -> None:
+        usage = reply.get("usage") or {"input_tokens": None, "output_tokens": None}
+        log.info(
+            "turn conversation=%s model=%s status=%s chars=%d input_tokens=%s output_tokens=%s",
+            self.conversation_id,
+            reply.get("model"),
+            reply.get("status"),
+            len(reply["content"]),
+            usage.get("input_tokens"),
+            usage.get("output_tokens"),
+        )
+
+
+async def begin_turn(
+    store: Store,
+    table: ProviderTable,
+    saves: set[asyncio.Task[None]],
+    *,
+    conversation_id: str | None,
+    text: str,
+    options: TurnOptions,
+    default_model: str,
+) -> Turn:
+    """Validate, then save the user's message (and a placeholder reply) before any provider call.
+
+    Without a conversation id a new conversation is created from the options, in the same write.
+    An unknown or unconfigured provider raises before anything is written.
+    """
+    if conversation_id is None:
+        resolve(table, options.model or default_model)  # refuse before a new file or lock exists
+    chosen: list[tuple[Provider, ChatRequest]] = []
+
+    def make_reply(conversation: Conversation) -> Message:
+        model = options.model or conversation["model"]
+        provider, upstream_model = resolve(table, model)
+        system = conversation["system"] if options.system is None else options.system
+        params = effective_params(conversation, options)
+        history = [
+            ChatMessage(m["role"], m["content"]) for m in storage.current_branch(conversation) if m["content"]
+        ]
+        request = ChatRequest(
+            model=upstream_model,
+            messages=[*history, ChatMessage("user", text)],
+            system=system,
+            temperature=params["temperature"],
+            max_tokens=params["max_tokens"],
+        )
+        chosen.append((provider, request))
+        reply: Message = {
+            "id": storage.new_id(),
+            "parent_id": None,
+            "role": "assistant",
+            "content": "",
+            "created_at": storage.now(),
+            "model": model,
+            "params": params,
+            "status": "incomplete",
+            "finish_reason": None,
+            "usage": None,
+            "error": None,
+        }
+        if system != conversation["system"]:
+            reply["system"] = system
+        return reply
+
+    target: str | Conversation = conversation_id or storage.new_conversation(
+        model=options.model or default_model,
+        system=options.system,
+        params={"temperature": options.temperature, "max_tokens": options.max_tokens},
+    )
+    record = await store.append_turn(target, text, make_reply)
+    provider, request = chosen[-1]
+    return Turn(
+        store=store,
+        conversation_id=record.conversation["id"],
+        user_message=record.user_message,
+        reply=record.reply,
+        provider=provider,
+        request=request,
+        saves=saves,
+    )
+
+
+# --- the two ways a turn is answered ------------------------------------------------------------
+
+
+def sse(event: str, data: Any) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def error_payload(error: ProviderError | StorageError) -> dict[str, str]:
+    return {"type": error.type, "message": error.detail}
+
+
+class EventStream(Response):
+    """`text/event-stream` of one turn: `start`, `delta`s, then `done` or `error`.
+
+    Events are encoded here as bytes (FastAPI's EventSourceResponse costs ~8x more per event);
+    the headers and the 15 s keep-alive match it. A client disconnect cancels the relay, which
+    closes the upstream stream; the partial reply is saved as `incomplete`.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, turn: Turn) -> None:
+        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.turn = turn
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+        async def emit(text: str | None) -> None:
+            body = b": keep-alive\n\n" if text is None else sse("delta", {"text": text})
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+        turn = self.turn
+        start = {
+            "conversation_id": turn.conversation_id,
+            "user_message_id": turn.user_message["id"],
+            "message_id": turn.reply["id"],
+        }
+        async with anyio.create_task_group() as group:
+            group.start_soon(cancel_on_disconnect, receive, group.cancel_scope)
+            try:
+                await send({"type": "http.response.body", "body": sse("start", start), "more_body": True})
+                try:
+                    reply = await turn.run(emit)
+                    end = sse("done", {"message": reply})
+                    if reply["status"] == "error" and turn.error is not None:
+                        end = sse("error", {"error": error_payload(turn.error), "message": reply})
+                except StorageError as exc:
+                    end = sse("error", {"error": error_payload(exc), "message": turn._final_reply()})
+                await send({"type": "http.response.body", "body": end, "more_body": False})
+            except OSError:
+                pass  # the client went away while we were sending; the reply is saved
+            finally:
+                group.cancel_scope.cancel()
+
+
+async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    log.info("client disconnected; closing the upstream stream")
+    scope.cancel()
+
+
+async def run_to_completion(turn: Turn, receive: Receive) -> Message | None:
+    """A non-streaming turn; returns None if the client disconnected first."""
+    result: list[Message] = []
+
+    async def ignore(_: str | None) -> None:
+        return None
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(cancel_on_disconnect, receive, group.cancel_scope)
+        result.append(await turn.run(ignore))
+        group.cancel_scope.cancel()
+    return result[0] if result else None

@@ -1,0 +1,714 @@
+"""The chat service: settings, the app, its routes and its error handlers.
+
+Run it with `python main.py` (or `uvicorn main:app`). See README.md for the settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import chat
+import providers
+from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
+from storage import Conversation, StorageError, Store, current_branch, summarize
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("chat")
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+OPEN_PATHS = frozenset({"/api/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,39}$"
+BUILTIN_PROVIDERS = ("openai", "anthropic", "ollama")
+FALLBACK_MODELS = {
+    "openai": ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "o4-mini"),
+    "anthropic": ("claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"),
+    "ollama": ("llama3.2", "qwen2.5", "mistral"),
+}
+DEFAULT_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5", "ollama": "llama3.2"}
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+class Server(BaseModel):
+    """A further OpenAI-compatible server (LM Studio, llama.cpp, vLLM, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_url: str = Field(pattern=r"^https?://\S+$")
+    api_key: SecretStr | None = None
+
+
+def split_list(value: Any) -> Any:
+    """Accept `a,b` as well as a JSON list for list settings."""
+    if isinstance(value, str):
+        value = value.strip()
+        return (
+            orjson.loads(value)
+            if value.startswith("[")
+            else [v.strip() for v in value.split(",") if v.strip()]
+        )
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting, from the environment or `.env`; a bad value stops start-up with a clear message."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
+
+    host: str = Field("127.0.0.1", alias="CHAT_HOST")
+    port: int = Field(8000, alias="CHAT_PORT", ge=1, le=65535)
+    data_dir: Path = Field(Path("data"), alias="CHAT_DATA_DIR")
+    default_model: str | None = Field(None, alias="CHAT_DEFAULT_MODEL", pattern=r"^[^/\s]+/\S+$")
+    api_token: SecretStr | None = Field(None, alias="CHAT_API_TOKEN", min_length=16)
+    allow_remote: bool = Field(False, alias="CHAT_ALLOW_REMOTE")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field([], alias="CHAT_ALLOWED_HOSTS")
+    cors_origins: Annotated[list[str], NoDecode] = Field([], alias="CHAT_CORS_ORIGINS")
+    max_body_bytes: int = Field(1_048_576, alias="CHAT_MAX_BODY_BYTES", ge=1024)
+    stream_idle_timeout: float = Field(120.0, alias="CHAT_STREAM_IDLE_TIMEOUT", gt=0)
+    shutdown_timeout: float = Field(5.0, alias="CHAT_SHUTDOWN_TIMEOUT", ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", alias="CHAT_LOG_LEVEL")
+    openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
+    openai_base_url: str = Field("https://api.openai.com/v1", alias="OPENAI_BASE_URL", pattern=r"^https?://")
+    anthropic_api_key: SecretStr | None = Field(None, alias="ANTHROPIC_API_KEY")
+    anthropic_base_url: str = Field(
+        "https://api.anthropic.com", alias="ANTHROPIC_BASE_URL", pattern=r"^https?://"
+    )
+    ollama_base_url: str = Field("http://127.0.0.1:11434/v1", alias="OLLAMA_BASE_URL", pattern=r"^https?://")
+    servers: dict[str, Server] = Field({}, alias="CHAT_SERVERS")
+
+    _split = field_validator("allowed_hosts", "cors_origins", mode="before")(split_list)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("servers")
+    @classmethod
+    def _server_names(cls, value: dict[str, Server]) -> dict[str, Server]:
+        for name in value:
+            if name in BUILTIN_PROVIDERS or not providers_name_ok(name):
+                raise ValueError(
+                    f"server name {name!r} must be lowercase letters, digits, '.', '_' or '-' "
+                    f"and not one of {', '.join(BUILTIN_PROVIDERS)}"
+                )
+        return value
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def providers_name_ok(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or exit with a message naming each bad value."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise SystemExit("Invalid settings (environment or .env):\n" + "\n".join(lines)) from None
+
+
+def build_providers(settings: Settings) -> ProviderTable:
+    timeouts = Timeouts(idle=settings.stream_idle_timeout)
+
+    def secret(value: SecretStr | None) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+    table: ProviderTable = {
+        "openai": OpenAICompatible(
+            "openai",
+            settings.openai_base_url,
+            secret(settings.openai_api_key),
+            key_env_var="OPENAI_API_KEY",
+            fallback_models=FALLBACK_MODELS["openai"],
+            timeouts=timeouts,
+            max_tokens_field="max_completion_tokens",
+        ),
+        "anthropic": Anthropic(
+            "anthropic",
+            settings.anthropic_base_url,
+            secret(settings.anthropic_api_key),
+            key_env_var="ANTHROPIC_API_KEY",
+            fallback_models=FALLBACK_MODELS["anthropic"],
+            timeouts=timeouts,
+        ),
+        "ollama": OpenAICompatible(
+            "ollama", settings.ollama_base_url, fallback_models=FALLBACK_MODELS["ollama"], timeouts=timeouts
+        ),
+    }
+    for name, server in settings.servers.items():
+        table[name] = OpenAICompatible(name, server.base_url, secret(server.api_key), timeouts=timeouts)
+    return table
+
+
+def default_model(settings: Settings, table: ProviderTable) -> str:
+    """CHAT_DEFAULT_MODEL, else the first provider with a key, else a local Ollama model."""
+    if settings.default_model:
+        return settings.default_model
+    for name in ("openai", "anthropic"):
+        if table[name].configured:
+            return f"{name}/{DEFAULT_MODELS[name]}"
+    return f"ollama/{DEFAULT_MODELS['ollama']}"
+
+
+# --- request and response bodies ----------------------------------------------------------------
+
+ModelName = Annotated[str, Field(pattern=r"^[^/\s]+/\S+$", max_length=256, examples=["openai/gpt-4o-mini"])]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
+SystemPrompt = Annotated[str, Field(max_length=200_000)]
+Title = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def utf8_text(value: str | None) -> str | None:
+    """Refuse lone surrogates: they cannot be written as UTF-8 JSON."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatIn(Strict):
+    message: str = Field(min_length=1, max_length=500_000, description="The user's message.")
+    conversation_id: str | None = Field(None, description="Continue this conversation; omit to start one.")
+    model: ModelName | None = Field(None, description="provider/model; default: the conversation's.")
+    system: SystemPrompt | None = None
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+    stream: bool = False
+
+    _text = field_validator("message", "system")(utf8_text)
+
+    @field_validator("message")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("message must contain some text")
+        return value
+
+
+class ParamsModel(Strict):
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+
+
+class ConversationIn(Strict):
+    title: Title | None = None
+    model: ModelName | None = None
+    system: SystemPrompt | None = None
+    params: ParamsModel = ParamsModel()
+
+    _text = field_validator("title", "system")(utf8_text)
+
+
+class ConversationPatch(Strict):
+    title: Title | None = None
+    model: ModelName | None = None
+    system: SystemPrompt | None = None
+    params: ParamsModel | None = None
+
+    _text = field_validator("title", "system")(utf8_text)
+
+
+class UsageOut(BaseModel):
+    input_tokens: int | None
+    output_tokens: int | None
+
+
+class ErrorInfoOut(BaseModel):
+    type: str
+    message: str
+
+
+class MessageOut(BaseModel):
+    id: str
+    parent_id: str | None
+    role: Literal["user", "assistant"]
+    content: str
+    created_at: str
+    model: str | None = None
+    system: str | None = None
+    params: ParamsModel | None = None
+    status: Literal["complete", "incomplete", "error"] | None = None
+    finish_reason: str | None = None
+    usage: UsageOut | None = None
+    error: ErrorInfoOut | None = None
+
+
+class SummaryOut(BaseModel):
+    id: str
+    title: str | None
+    created_at: str
+    updated_at: str
+    model: str
+    message_count: int
+
+
+class ConversationOut(SummaryOut):
+    system: str | None
+    params: ParamsModel
+    current_id: str | None
+    messages: list[MessageOut] = Field(description="The current branch, oldest first.")
+
+
+class PageOut(BaseModel):
+    items: list[SummaryOut]
+    next_cursor: str | None
+
+
+class ChatOut(BaseModel):
+    conversation_id: str
+    message: MessageOut
+
+
+class ProviderOut(BaseModel):
+    name: str
+    configured: bool
+    hint: str
+    models: list[str]
+    models_source: Literal["upstream", "fallback", "none"]
+
+
+class ModelsOut(BaseModel):
+    default_model: str
+    providers: list[ProviderOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    data_dir_writable: bool
+    providers: dict[str, bool] = Field(description="provider name -> configured")
+    unreadable_conversations: list[str]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    type: str
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error(
+    status: int, detail: str, kind: str, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSON:
+    return JSON({"detail": detail, "type": kind, **extra}, status_code=status, headers=headers)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 429, 500, 502, 504, 507)
+}
+
+
+# --- security: pure ASGI so client disconnects still reach the routes ----------------------------
+
+
+class Guard:
+    """Refuse requests a browser could forge or a stranger could send.
+
+    - Host: when bound to loopback only loopback names are served (DNS rebinding, Ollama
+      CVE-2024-28224); CHAT_ALLOWED_HOSTS adds names.
+    - Origin: a browser request from another origin is refused unless CHAT_CORS_ORIGINS lists it.
+    - Body size: a Content-Length over CHAT_MAX_BODY_BYTES gets 413 before the body is read.
+    - Token: with CHAT_API_TOKEN set, every route but health and the docs needs it.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.token = settings.api_token.get_secret_value().encode() if settings.api_token else None
+        self.hosts = {h.lower() for h in settings.allowed_hosts}
+        self.origins = set(settings.cors_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self.refuse(scope, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refuse(self, scope: Scope, headers: dict[str, str]) -> Response | None:
+        host = headers.get("host", "")
+        if not self.host_ok(host):
+            return error(
+                403, f"requests for host {host!r} are refused; add it to CHAT_ALLOWED_HOSTS", "forbidden_host"
+            )
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.origins and not same_origin(origin, host):
+            return error(
+                403,
+                f"cross-origin requests from {origin!r} are refused; add it to CHAT_CORS_ORIGINS",
+                "forbidden_origin",
+            )
+        if scope["method"] == "OPTIONS" and origin is not None:
+            return None  # CORS preflight carries no credentials
+        length = headers.get("content-length", "0")
+        if length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return error(
+                413,
+                f"request body is {length} bytes; the limit is {self.settings.max_body_bytes} bytes "
+                f"(CHAT_MAX_BODY_BYTES)",
+                "body_too_large",
+            )
+        if self.token is not None and scope["path"] not in OPEN_PATHS:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                return error(
+                    401,
+                    "missing or wrong token: send the header 'Authorization: Bearer <CHAT_API_TOKEN>'",
+                    "unauthorized",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return None
+
+    def host_ok(self, host: str) -> bool:
+        name = host_name(host)
+        if name in self.hosts:
+            return True
+        if not self.settings.loopback:
+            return not self.hosts and bool(name)
+        return name in LOOPBACK_NAMES or name.endswith(".localhost") or is_loopback(name)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without the port: `[::1]:8000` -> `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def same_origin(origin: str, host: str) -> bool:
+    scheme, _, rest = origin.partition("://")
+    return scheme in ("http", "https") and rest.lower() == host.strip().lower()
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def get_table(request: Request) -> ProviderTable:
+    table: ProviderTable = request.app.state.providers
+    return table
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+TableDep = Annotated[ProviderTable, Depends(get_table)]
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    store: Store = app.state.store
+    if not logging.getLogger().handlers:  # started as `uvicorn main:app`
+        configure_logging(settings.log_level)
+    store.open()
+    log.info("conversations are kept in %s", store.conversations.resolve())
+    for provider in app.state.providers.values():
+        log.info("provider %-10s %s", provider.name, provider.hint)
+    log.info("default model: %s", app.state.default_model)
+    try:
+        yield
+    finally:
+        saves: set[asyncio.Task[None]] = app.state.saves
+        if saves:
+            log.info("saving %d interrupted replies", len(saves))
+            await asyncio.wait(saves, timeout=max(settings.shutdown_timeout, 5.0))
+        await providers.close_all(app.state.providers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    app = FastAPI(
+        title="Chat assistant",
+        version=__version__,
+        description="A self-hosted chat backend: OpenAI, Anthropic and local models, "
+        "every conversation kept on disk.",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+        responses=ERRORS,
+    )
+    app.state.settings = settings
+    app.state.store = Store(settings.data_dir)
+    app.state.providers = build_providers(settings)
+    app.state.default_model = default_model(settings, app.state.providers)
+    app.state.saves = set()
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(Guard, settings=settings)
+    add_error_handlers(app)
+    add_routes(app)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ProviderError)
+    async def provider_error(request: Request, exc: ProviderError) -> Response:
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after is not None else None
+        return error(exc.status_code, exc.detail, exc.type, headers)
+
+    @app.exception_handler(StorageError)
+    async def storage_error(request: Request, exc: StorageError) -> Response:
+        if exc.status_code >= 500:
+            log.error("storage: %s", exc.detail)
+        return error(exc.status_code, exc.detail, exc.type)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.method} {request.url.path}; see /docs for the API"
+        return error(exc.status_code, str(detail), kinds.get(exc.status_code, "http_error"), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSON({"detail": jsonable_encoder(errors), "type": "invalid_request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(500, "internal error; the server log has the details", "internal_error")
+
+
+def add_routes(app: FastAPI) -> None:
+    @app.get("/api/health", response_model=HealthOut, tags=["service"])
+    async def health(store: StoreDep, table: TableDep) -> Response:
+        """Is the service up, can it write its data, which providers have keys."""
+        writable = await store.writable()
+        return JSON(
+            {
+                "status": "ok" if writable else "degraded",
+                "version": __version__,
+                "data_dir_writable": writable,
+                "providers": {name: p.configured for name, p in table.items()},
+                "unreadable_conversations": sorted(await store.unreadable()),
+            }
+        )
+
+    @app.get("/api/models", response_model=ModelsOut, tags=["service"])
+    async def models(table: TableDep, request: Request) -> Response:
+        """Each provider, whether it is configured, and its models (asked upstream, cached)."""
+        configured = [p for p in table.values() if p.configured]
+        listed = dict(zip(configured, await asyncio.gather(*(p.models() for p in configured)), strict=True))
+        return JSON(
+            {
+                "default_model": request.app.state.default_model,
+                "providers": [provider_out(p, listed.get(p)) for p in table.values()],
+            }
+        )
+
+    @app.post("/api/chat", response_model=ChatOut, tags=["chat"], responses={200: chat_stream_doc()})
+    async def chat_turn(body: ChatIn, request: Request, store: StoreDep, table: TableDep) -> Response:
+        """Send a message and get the reply, whole or streamed as server-sent events."""
+        turn = await chat.begin_turn(
+            store,
+            table,
+            request.app.state.saves,
+            conversation_id=body.conversation_id,
+            text=body.message,
+            options=chat.TurnOptions(body.model, body.system, body.temperature, body.max_tokens),
+            default_model=request.app.state.default_model,
+        )
+        if body.stream:
+            return chat.EventStream(turn)
+        reply = await chat.run_to_completion(turn, request.receive)
+        if reply is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        if turn.error is not None:
+            exc = turn.error
+            headers = {"Retry-After": exc.retry_after} if exc.retry_after is not None else None
+            return error(
+                exc.status_code,
+                exc.detail,
+                exc.type,
+                headers,
+                conversation_id=turn.conversation_id,
+                message=reply,
+            )
+        return JSON({"conversation_id": turn.conversation_id, "message": reply})
+
+    @app.post("/api/conversations", status_code=201, response_model=ConversationOut, tags=["conversations"])
+    async def create_conversation(
+        store: StoreDep, table: TableDep, request: Request, body: ConversationIn | None = None
+    ) -> Response:
+        """Start an empty conversation with its own model, system prompt and parameters."""
+        body = body or ConversationIn()
+        model = body.model or request.app.state.default_model
+        providers.resolve(table, model)
+        conversation = await store.create(
+            model=model, system=body.system, params=params_dict(body.params), title=body.title
+        )
+        return JSON(conversation_out(conversation), status_code=201)
+
+    @app.get("/api/conversations", response_model=PageOut, tags=["conversations"])
+    async def list_conversations(
+        store: StoreDep,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=512)] = None,
+    ) -> Response:
+        """Conversations, most recently updated first; pass `next_cursor` back for the next page."""
+        items, next_cursor = await store.list_conversations(limit, cursor)
+        return JSON({"items": items, "next_cursor": next_cursor})
+
+    @app.get("/api/conversations/{conversation_id}", response_model=ConversationOut, tags=["conversations"])
+    async def get_conversation(conversation_id: str, store: StoreDep) -> Response:
+        """One conversation with the messages of its current branch, oldest first."""
+        return JSON(conversation_out(await store.get(conversation_id)))
+
+    @app.patch("/api/conversations/{conversation_id}", response_model=ConversationOut, tags=["conversations"])
+    async def update_conversation(
+        conversation_id: str, body: ConversationPatch, store: StoreDep, table: TableDep
+    ) -> Response:
+        """Change the title, model, system prompt or parameters; fields left out stay as they are."""
+        changes = body.model_dump(exclude_unset=True)
+        if body.model is not None:
+            providers.resolve(table, body.model)
+        for name in ("title", "model"):
+            if name in changes and changes[name] is None:
+                changes.pop(name)
+        if "params" in changes:
+            changes["params"] = params_dict(body.params or ParamsModel())
+        conversation = await store.update(conversation_id, changes)
+        return JSON(conversation_out(conversation))
+
+    @app.delete("/api/conversations/{conversation_id}", status_code=204, tags=["conversations"])
+    async def delete_conversation(conversation_id: str, store: StoreDep) -> Response:
+        """Delete a conversation and its file."""
+        await store.delete(conversation_id)
+        return Response(status_code=204)
+
+
+def params_dict(params: ParamsModel) -> Any:
+    return {"temperature": params.temperature, "max_tokens": params.max_tokens}
+
+
+def conversation_out(conversation: Conversation) -> dict[str, Any]:
+    out = {k: v for k, v in conversation.items() if k not in ("messages", "schema_version")}
+    return {**out, **summarize(conversation), "messages": current_branch(conversation)}
+
+
+def provider_out(provider: Provider, listed: tuple[list[str], str] | None) -> dict[str, Any]:
+    names, source = listed if listed is not None else ([], "none")
+    return {
+        "name": provider.name,
+        "configured": provider.configured,
+        "hint": provider.hint,
+        "models": names,
+        "models_source": source,
+    }
+
+
+def chat_stream_doc() -> dict[str, Any]:
+    return {
+        "description": "JSON when `stream` is false; with `stream: true`, `text/event-stream` with events "
+        "`start` {conversation_id, user_message_id, message_id}, `delta` {text}, then `done` {message} "
+        "or `error` {error: {type, message}, message}.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+
+
+# --- running it ---------------------------------------------------------------------------------
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # The HTTP client's and SDKs' debug logs include request headers (keys): keep them quiet.
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "anthropic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    settings = load_settings()
+    if not settings.loopback and settings.api_token is None and not settings.allow_remote:
+        raise SystemExit(
+            f"Refusing to listen on {settings.host} without a token: anyone on the network could read "
+            f"your conversations. Set CHAT_API_TOKEN (16+ characters), or CHAT_ALLOW_REMOTE=true if "
+            f"something else guards the port."
+        )
+    configure_logging(settings.log_level)
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+        log_config=None,
+    )
+
+
+app = create_app() if __name__ != "__main__" else None
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,616 @@
+"""Conversations as JSON files: one locked, atomically and durably written file per conversation.
+
+Layout under the data directory::
+
+    conversations/<id>.json       the conversation (always valid JSON, schema_version inside)
+    conversations/<id>.json.lock  its lock file (never deleted: waiters would lock another inode)
+    changes.log                   one JSON line per write: the conversation's new summary, so the
+                                  listing index in every process stays fresh without a directory scan
+
+Every write is a read-modify-write of one file under an asyncio lock (between tasks) and a file
+lock (between processes), run in a worker thread so the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import bisect
+import contextlib
+import errno
+import logging
+import os
+import re
+import secrets
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar
+
+import anyio.to_thread
+import orjson
+from filelock import FileLock
+
+SCHEMA_VERSION = 1
+ID_RE = re.compile(r"[0-9a-f]{32}")
+FILE_RE = re.compile(r"([0-9a-f]{32})\.json")
+TITLE_MAX = 200
+JOURNAL_MAX_BYTES = 4 * 1024 * 1024
+STALE_TEMP_SECONDS = 60.0
+
+log = logging.getLogger("chat.storage")
+
+Status = Literal["complete", "incomplete", "error"]
+
+
+class Usage(TypedDict):
+    input_tokens: int | None
+    output_tokens: int | None
+
+
+class ErrorInfo(TypedDict):
+    type: str
+    message: str
+
+
+class Params(TypedDict):
+    temperature: float | None
+    max_tokens: int | None
+
+
+class Message(TypedDict):
+    id: str
+    parent_id: str | None
+    role: Literal["user", "assistant"]
+    content: str
+    created_at: str
+    # replies only
+    model: NotRequired[str]
+    system: NotRequired[str | None]
+    params: NotRequired[Params]
+    status: NotRequired[Status]
+    finish_reason: NotRequired[str | None]
+    usage: NotRequired[Usage | None]
+    error: NotRequired[ErrorInfo | None]
+
+
+class Conversation(TypedDict):
+    schema_version: int
+    id: str
+    title: str | None
+    created_at: str
+    updated_at: str
+    model: str
+    system: str | None
+    params: Params
+    current_id: str | None
+    messages: list[Message]
+
+
+class Summary(TypedDict):
+    id: str
+    title: str | None
+    created_at: str
+    updated_at: str
+    model: str
+    message_count: int
+
+
+SUMMARY_KEYS = frozenset(Summary.__annotations__)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class StorageError(Exception):
+    """A conversation could not be read or written; carries the HTTP status the API answers."""
+
+    status_code = 500
+    type = "storage_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ConversationNotFound(StorageError):
+    status_code = 404
+    type = "conversation_not_found"
+
+
+class ConversationUnreadable(StorageError):
+    """The file exists but is corrupt or from a newer version: reported, left untouched."""
+
+    status_code = 409
+    type = "conversation_unreadable"
+
+
+class StorageFull(StorageError):
+    status_code = 507
+    type = "storage_full"
+
+
+class InvalidCursor(StorageError):
+    status_code = 400
+    type = "invalid_cursor"
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def is_valid_id(value: str) -> bool:
+    return ID_RE.fullmatch(value) is not None
+
+
+def title_from(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 80 else line[:79].rstrip() + "…"
+
+
+def current_branch(conversation: Conversation) -> list[Message]:
+    """The messages from the first one to `current_id`, following `parent_id` links."""
+    by_id = {m["id"]: m for m in conversation["messages"]}
+    branch: list[Message] = []
+    node = by_id.get(conversation["current_id"] or "")
+    while node is not None and len(branch) <= len(by_id):
+        branch.append(node)
+        node = by_id.get(node["parent_id"] or "")
+    branch.reverse()
+    return branch
+
+
+def summarize(conversation: Conversation) -> Summary:
+    return {
+        "id": conversation["id"],
+        "title": conversation["title"],
+        "created_at": conversation["created_at"],
+        "updated_at": conversation["updated_at"],
+        "model": conversation["model"],
+        "message_count": len(conversation["messages"]),
+    }
+
+
+def encode_cursor(summary: Summary) -> str:
+    raw = f"{summary['updated_at']}|{summary['id']}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        updated_at, _, conversation_id = raw.partition("|")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        updated_at, conversation_id = "", ""
+    if not is_valid_id(conversation_id):
+        raise InvalidCursor("cursor is not valid: pass the next_cursor of a previous page unchanged")
+    return updated_at, conversation_id
+
+
+def new_conversation(
+    *, model: str, system: str | None, params: Params, title: str | None = None
+) -> Conversation:
+    """A conversation not yet saved."""
+    stamp = now()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "id": new_id(),
+        "title": title,
+        "created_at": stamp,
+        "updated_at": stamp,
+        "model": model,
+        "system": system,
+        "params": params,
+        "current_id": None,
+        "messages": [],
+    }
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+
+def _migrate_0_to_1(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 0: a hand-written or pre-release file without schema_version, status or params."""
+    doc.setdefault("title", None)
+    doc.setdefault("system", None)
+    doc.setdefault("params", {"temperature": None, "max_tokens": None})
+    messages = doc.setdefault("messages", [])
+    previous = None
+    for message in messages:
+        message.setdefault("id", new_id())
+        message.setdefault("parent_id", previous)
+        message.setdefault("created_at", doc.get("created_at", now()))
+        if message.get("role") == "assistant":
+            message.setdefault("status", "complete")
+        previous = message["id"]
+    doc.setdefault("current_id", previous)
+    doc["schema_version"] = 1
+    return doc
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate_0_to_1}
+
+
+def parse_conversation(data: bytes, conversation_id: str) -> Conversation:
+    """Decode a file's bytes, migrating an older schema; refuse corrupt or newer files."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} is not valid JSON ({exc}); "
+            f"the file is left untouched: repair it or delete it"
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("messages", []), list):
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} is not a conversation object; repair the file or delete it"
+        )
+    version = doc.get("schema_version", 0)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} was written by a newer version (schema {version}, "
+            f"this service reads up to {SCHEMA_VERSION}); upgrade the service to open it"
+        )
+    while version < SCHEMA_VERSION:
+        doc = MIGRATIONS[version](doc)
+        version = doc["schema_version"]
+    required = ("id", "created_at", "updated_at", "model")
+    if doc.get("id") != conversation_id or not all(isinstance(doc.get(k), str) for k in required):
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} is missing required fields ({', '.join(required)}); "
+            f"repair the file or delete it"
+        )
+    conversation: Conversation = doc
+    return conversation
+
+
+def encode(conversation: Conversation) -> bytes:
+    return orjson.dumps(conversation, option=orjson.OPT_INDENT_2)
+
+
+# --- durable writes -----------------------------------------------------------------------------
+
+
+def _os_error(exc: OSError, what: str) -> StorageError:
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"could not save {what}: {reason}; free some disk space and retry")
+    return StorageError(f"could not save {what}: {reason}; check the data directory and retry")
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename over, fsync the directory.
+
+    A crash at any instant leaves either the old or the new file; the temp file is removed on error.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the listing index --------------------------------------------------------------------------
+
+
+class ListingIndex:
+    """Summaries of every conversation, kept in memory and fresh through `changes.log`.
+
+    Every writer (in any process) appends the new summary to the log after it replaces a file; a
+    reader stats the log and applies only the lines it has not seen. A missing, truncated or
+    oversized log means a full rescan, which is also how the index is first built.
+    Not thread-safe: the Store calls it from one worker thread at a time.
+    """
+
+    def __init__(self, conversations: Path, journal: Path) -> None:
+        self.conversations = conversations
+        self.journal = journal
+        self.summaries: dict[str, Summary] = {}
+        self.unreadable: dict[str, str] = {}
+        self._order: list[tuple[str, str]] = []  # (updated_at, id), ascending
+        self._offset = -1  # -1: never scanned
+
+    def refresh(self) -> None:
+        try:
+            size = os.stat(self.journal).st_size
+        except FileNotFoundError:
+            size = 0
+        if self._offset < 0 or size < self._offset:
+            self._rescan()
+        elif size > JOURNAL_MAX_BYTES:
+            os.truncate(self.journal, 0)
+            self._rescan()
+        elif size > self._offset:
+            self._apply_journal(size)
+
+    def page(self, limit: int, before: tuple[str, str] | None) -> tuple[list[Summary], str | None]:
+        end = len(self._order) if before is None else bisect.bisect_left(self._order, before)
+        keys = self._order[max(0, end - limit) : end][::-1]
+        items = [self.summaries[key[1]] for key in keys]
+        more = end - limit > 0
+        return items, encode_cursor(items[-1]) if more and items else None
+
+    def _rescan(self) -> None:
+        try:
+            self._offset = os.stat(self.journal).st_size
+        except FileNotFoundError:
+            self._offset = 0
+        self.summaries.clear()
+        self.unreadable.clear()
+        for entry in os.scandir(self.conversations):
+            match = FILE_RE.fullmatch(entry.name)
+            if match is None:
+                continue
+            conversation_id = match.group(1)
+            try:
+                conversation = parse_conversation(Path(entry.path).read_bytes(), conversation_id)
+            except FileNotFoundError:
+                continue
+            except (ConversationUnreadable, OSError) as exc:
+                self.unreadable[conversation_id] = str(exc)
+                log.warning("skipping unreadable conversation file %s: %s", entry.name, exc)
+                continue
+            self.summaries[conversation_id] = summarize(conversation)
+        self._order = sorted((s["updated_at"], s["id"]) for s in self.summaries.values())
+        # lines appended while scanning are applied again: harmless, they carry full summaries
+        self.refresh()
+
+    def _apply_journal(self, size: int) -> None:
+        with open(self.journal, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read(size - self._offset)
+        complete = chunk.rfind(b"\n") + 1  # a line still being appended is read next time
+        for line in chunk[:complete].splitlines():
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and (entry.get("deleted") or entry.keys() >= SUMMARY_KEYS):
+                self._apply(entry)
+        self._offset += complete
+
+    def _apply(self, entry: dict[str, Any]) -> None:
+        conversation_id = entry["id"]
+        old = self.summaries.pop(conversation_id, None)
+        if old is not None:
+            key = (old["updated_at"], conversation_id)
+            position = bisect.bisect_left(self._order, key)
+            if position < len(self._order) and self._order[position] == key:
+                del self._order[position]
+        if entry.get("deleted"):
+            return
+        self.unreadable.pop(conversation_id, None)
+        summary: Summary = entry  # type: ignore[assignment]
+        self.summaries[conversation_id] = summary
+        bisect.insort(self._order, (summary["updated_at"], conversation_id))
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass
+class TurnRecord:
+    """What `append_turn` saved: the conversation as written and the two new messages."""
+
+    conversation: Conversation
+    user_message: Message
+    reply: Message
+
+
+class Store:
+    """All access to conversation files. Every public method is async and never blocks the loop."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.conversations = data_dir / "conversations"
+        self.journal = data_dir / "changes.log"
+        self._task_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._index = ListingIndex(self.conversations, self.journal)
+        self._index_lock = asyncio.Lock()
+
+    # set-up and health
+
+    def open(self) -> None:
+        """Create the directories owner-only and clear temp files left by a crash. Blocking: start-up only."""
+        for directory in (self.data_dir, self.conversations):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for entry in os.scandir(self.conversations):
+            if entry.name.endswith(".tmp") and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+
+    async def writable(self) -> bool:
+        return await anyio.to_thread.run_sync(os.access, self.conversations, os.W_OK)
+
+    # conversations
+
+    async def create(
+        self, *, model: str, system: str | None, params: Params, title: str | None = None
+    ) -> Conversation:
+        conversation = new_conversation(model=model, system=system, params=params, title=title)
+        return await self._locked(conversation["id"], lambda: self._write_new(conversation))
+
+    async def get(self, conversation_id: str) -> Conversation:
+        return await self._locked(conversation_id, lambda: self._read(conversation_id))
+
+    async def update(self, conversation_id: str, changes: dict[str, Any]) -> Conversation:
+        """Set top-level fields (title, model, system, params)."""
+
+        def change(conversation: Conversation) -> None:
+            conversation.update(changes)  # type: ignore[typeddict-item]
+
+        return await self._modify(conversation_id, change)
+
+    async def delete(self, conversation_id: str) -> None:
+        await self._locked(conversation_id, lambda: self._unlink(conversation_id))
+
+    async def list_conversations(self, limit: int, cursor: str | None) -> tuple[list[Summary], str | None]:
+        before = decode_cursor(cursor) if cursor else None
+        async with self._index_lock:
+            await anyio.to_thread.run_sync(self._index.refresh)
+            return self._index.page(limit, before)
+
+    async def unreadable(self) -> dict[str, str]:
+        async with self._index_lock:
+            await anyio.to_thread.run_sync(self._index.refresh)
+            return dict(self._index.unreadable)
+
+    # messages
+
+    async def append_turn(
+        self,
+        conversation: str | Conversation,
+        user_text: str,
+        make_reply: Callable[[Conversation], Message],
+    ) -> TurnRecord:
+        """Save the user's message and, right after it, a placeholder reply marked `incomplete`.
+
+        `conversation` is an id, or a new conversation (from `new_conversation`) saved by this same
+        write. `make_reply` builds the placeholder from the conversation as read; if it raises,
+        nothing is written. The placeholder is what a crash leaves behind; `finish_reply` replaces it.
+        Saving both in one write keeps each reply attached to its own user message when turns overlap.
+        """
+        saved: list[Message] = []
+
+        def change(current: Conversation) -> None:
+            user: Message = {
+                "id": new_id(),
+                "parent_id": current["current_id"],
+                "role": "user",
+                "content": user_text,
+                "created_at": now(),
+            }
+            placeholder = make_reply(current)
+            placeholder["parent_id"] = user["id"]
+            current["messages"] += [user, placeholder]
+            current["current_id"] = placeholder["id"]
+            if current["title"] is None:
+                current["title"] = title_from(user_text)
+            saved[:] = [user, placeholder]
+
+        if isinstance(conversation, str):
+            written = await self._modify(conversation, change)
+        else:
+            written = await self._locked(
+                conversation["id"], lambda: self._apply_and_write(conversation, change)
+            )
+        return TurnRecord(written, saved[0], saved[1])
+
+    async def finish_reply(self, conversation_id: str, reply: Message) -> None:
+        """Replace the placeholder saved by `append_turn` with the final reply."""
+
+        def change(conversation: Conversation) -> None:
+            for position, message in enumerate(conversation["messages"]):
+                if message["id"] == reply["id"]:
+                    conversation["messages"][position] = reply
+                    return
+            conversation["messages"].append(reply)  # removed meanwhile: keep the reply anyway
+
+        await self._modify(conversation_id, change)
+
+    # internals: everything below runs under both locks, in a worker thread
+
+    async def _locked(self, conversation_id: str, work: Callable[[], T]) -> T:
+        if not is_valid_id(conversation_id):
+            raise ConversationNotFound(
+                f"no conversation {conversation_id!r}: ids are 32 lowercase hex characters"
+            )
+        lock = self._task_locks.get(conversation_id)
+        if lock is None:
+            lock = self._task_locks[conversation_id] = asyncio.Lock()
+        async with lock:
+            return await anyio.to_thread.run_sync(self._with_file_lock, conversation_id, work)
+
+    def _with_file_lock(self, conversation_id: str, work: Callable[[], T]) -> T:
+        lock_path = self.conversations / f"{conversation_id}.json.lock"
+        try:
+            file_lock = FileLock(lock_path, mode=0o600, preserve_lock_file=True, fallback_to_soft=False)
+            with file_lock:
+                return work()
+        except OSError as exc:
+            raise _os_error(exc, f"conversation {conversation_id}") from exc
+
+    async def _modify(self, conversation_id: str, change: Callable[[Conversation], None]) -> Conversation:
+        return await self._locked(
+            conversation_id, lambda: self._apply_and_write(self._read(conversation_id), change)
+        )
+
+    def _apply_and_write(
+        self, conversation: Conversation, change: Callable[[Conversation], None]
+    ) -> Conversation:
+        change(conversation)
+        conversation["updated_at"] = now()
+        self._write(conversation)
+        return conversation
+
+    def _path(self, conversation_id: str) -> Path:
+        return self.conversations / f"{conversation_id}.json"
+
+    def _read(self, conversation_id: str) -> Conversation:
+        try:
+            data = self._path(conversation_id).read_bytes()
+        except FileNotFoundError:
+            raise ConversationNotFound(
+                f"no conversation {conversation_id}: list them with GET /api/conversations"
+            ) from None
+        return parse_conversation(data, conversation_id)
+
+    def _write_new(self, conversation: Conversation) -> Conversation:
+        self._write(conversation)
+        return conversation
+
+    def _write(self, conversation: Conversation) -> None:
+        write_durably(self._path(conversation["id"]), encode(conversation))
+        self._journal(orjson.dumps(summarize(conversation)))
+
+    def _unlink(self, conversation_id: str) -> None:
+        try:
+            os.unlink(self._path(conversation_id))
+        except FileNotFoundError:
+            raise ConversationNotFound(f"no conversation {conversation_id}") from None
+        fsync_directory(self.conversations)
+        self._journal(orjson.dumps({"id": conversation_id, "deleted": True}))
+
+    def _journal(self, line: bytes) -> None:
+        # A hint for listings, not the data: no fsync, and a failure only costs a stale listing
+        # in other processes (the file itself is already safely written).
+        try:
+            fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line + b"\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("could not append to %s: %s", self.journal, exc.strerror)
