@@ -57,25 +57,33 @@ class Turn:
     reply: Message
     provider: Provider
     request: ChatRequest
-    saves: set[asyncio.Task[None]]  # shared with the app, which awaits them at shutdown
+    in_flight: set[asyncio.Future[None]]  # shared with the app, which waits on it at shutdown
     parts: list[str] = field(default_factory=list)
     finish: Finish | None = None
     error: ProviderError | None = None
 
     async def run(self, emit: Emit) -> Message:
-        """Relay the reply through `emit`, then save it; the save survives cancellation."""
+        """Relay the reply through `emit`, then save it; the save survives cancellation.
+
+        The turn stays in `in_flight` until its reply is on disk, so shutdown can wait for it.
+        """
+        saved = asyncio.get_running_loop().create_future()
+        self.in_flight.add(saved)
         try:
             await self._relay(emit)
         finally:
             final = self._final_reply()
             save = asyncio.ensure_future(self.store.finish_reply(self.conversation_id, final))
-            self.saves.add(save)
-            save.add_done_callback(self.saves.discard)
+            save.add_done_callback(lambda _: self._settle(saved))
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([save])
             self._log(final)
         save.result()  # a failed save raises StorageError here, unless the turn was cancelled
         return final
+
+    def _settle(self, saved: asyncio.Future[None]) -> None:
+        self.in_flight.discard(saved)
+        saved.set_result(None)
 
     async def _relay(self, emit: Emit) -> None:
         queue: asyncio.Queue[str | Finish | ProviderError] = asyncio.Queue()
@@ -148,7 +156,7 @@ class Turn:
 async def begin_turn(
     store: Store,
     table: ProviderTable,
-    saves: set[asyncio.Task[None]],
+    in_flight: set[asyncio.Future[None]],
     *,
     conversation_id: str | None,
     text: str,
@@ -211,7 +219,7 @@ async def begin_turn(
         reply=record.reply,
         provider=provider,
         request=request,
-        saves=saves,
+        in_flight=in_flight,
     )
 
 
@@ -234,10 +242,15 @@ class EventStream(Response):
     closes the upstream stream; the partial reply is saved as `incomplete`.
     """
 
-    media_type = "text/event-stream"
-
     def __init__(self, turn: Turn) -> None:
-        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Not Response.__init__: that would declare Content-Length: 0 for a body we stream.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
         self.turn = turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -274,7 +287,6 @@ class EventStream(Response):
 async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    log.info("client disconnected; closing the upstream stream")
     scope.cancel()
 
 

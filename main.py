@@ -20,12 +20,20 @@ import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chat
 import providers
@@ -57,6 +65,12 @@ class Server(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_url: str = Field(pattern=r"^https?://\S+$")
     api_key: SecretStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        """`{"name": "http://..."}` is short for `{"name": {"base_url": "http://..."}}`."""
+        return {"base_url": value} if isinstance(value, str) else value
 
 
 def split_list(value: Any) -> Any:
@@ -376,7 +390,25 @@ class Guard:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        await self.app(scope, self.limit_body(receive), send)
+
+    def limit_body(self, receive: Receive) -> Receive:
+        """Count a body sent without Content-Length; past the limit the route gets a 413 (JSON)."""
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.settings.max_body_bytes:
+                raise HTTPException(413, self.too_large())
+            return message
+
+        return counted
+
+    def too_large(self, size: str = "") -> str:
+        what = f"request body is {size} bytes" if size else "request body is too large"
+        return f"{what}; the limit is {self.settings.max_body_bytes} bytes (CHAT_MAX_BODY_BYTES)"
 
     def refuse(self, scope: Scope, headers: dict[str, str]) -> Response | None:
         host = headers.get("host", "")
@@ -395,12 +427,7 @@ class Guard:
             return None  # CORS preflight carries no credentials
         length = headers.get("content-length", "0")
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return error(
-                413,
-                f"request body is {length} bytes; the limit is {self.settings.max_body_bytes} bytes "
-                f"(CHAT_MAX_BODY_BYTES)",
-                "body_too_large",
-            )
+            return error(413, self.too_large(length), "body_too_large")
         if self.token is not None and scope["path"] not in OPEN_PATHS:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
@@ -471,10 +498,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        saves: set[asyncio.Task[None]] = app.state.saves
-        if saves:
-            log.info("saving %d interrupted replies", len(saves))
-            await asyncio.wait(saves, timeout=max(settings.shutdown_timeout, 5.0))
+        in_flight: set[asyncio.Future[None]] = app.state.in_flight
+        if in_flight:
+            log.info("saving %d interrupted replies", len(in_flight))
+            await asyncio.wait(in_flight, timeout=max(settings.shutdown_timeout, 5.0))
         await providers.close_all(app.state.providers)
 
 
@@ -486,14 +513,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="A self-hosted chat backend: OpenAI, Anthropic and local models, "
         "every conversation kept on disk.",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
         responses=ERRORS,
     )
     app.state.settings = settings
     app.state.store = Store(settings.data_dir)
     app.state.providers = build_providers(settings)
     app.state.default_model = default_model(settings, app.state.providers)
-    app.state.saves = set()
+    app.state.in_flight = set()
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -571,7 +597,7 @@ def add_routes(app: FastAPI) -> None:
         turn = await chat.begin_turn(
             store,
             table,
-            request.app.state.saves,
+            request.app.state.in_flight,
             conversation_id=body.conversation_id,
             text=body.message,
             options=chat.TurnOptions(body.model, body.system, body.temperature, body.max_tokens),

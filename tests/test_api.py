@@ -21,7 +21,9 @@ def chat(client: TestClient, **body: Any) -> Any:
 # --- chatting -----------------------------------------------------------------------------------
 
 
-def test_chat_starts_a_conversation_and_saves_both_messages(client: TestClient, upstream: FakeUpstream) -> None:
+def test_chat_starts_a_conversation_and_saves_both_messages(
+    client: TestClient, upstream: FakeUpstream
+) -> None:
     upstream.script(Reply(text="Hello there, friend.", usage=(7, 4)))
     body = chat(client, message="Hi!")
     reply = body["message"]
@@ -66,7 +68,9 @@ def test_new_conversation_keeps_its_settings_and_a_turn_override_applies_once(
     assert upstream.requests[-1].body["temperature"] == 0.2
     assert upstream.requests[-1].body["max_tokens"] == 50
 
-    second = chat(client, message="two", conversation_id=conversation_id, model="openai/fake-gpt-2", temperature=1.0)
+    second = chat(
+        client, message="two", conversation_id=conversation_id, model="openai/fake-gpt-2", temperature=1.0
+    )
     assert upstream.requests[-1].body["model"] == "fake-gpt-2"
     assert upstream.requests[-1].body["temperature"] == 1.0
     assert upstream.requests[-1].body["max_completion_tokens"] == 50  # OpenAI's own name for it
@@ -97,13 +101,17 @@ def test_anthropic_temperature_goes_through_and_a_rejection_is_a_400(
 ) -> None:
     chat(client, message="Hello", model="anthropic/claude-fake-1", temperature=0.5)
     assert upstream.requests[-1].body["temperature"] == 0.5
-    response = client.post("/api/chat", json={"message": "Hi", "model": "anthropic/claude-fake-1", "temperature": 1.5})
+    response = client.post(
+        "/api/chat", json={"message": "Hi", "model": "anthropic/claude-fake-1", "temperature": 1.5}
+    )
     assert response.status_code == 400
     assert response.json()["type"] == "provider_rejected"
     assert "temperature" in response.json()["detail"]
 
 
-def test_after_a_failed_reply_anthropic_still_gets_a_clean_history(client: TestClient, upstream: FakeUpstream) -> None:
+def test_after_a_failed_reply_anthropic_still_gets_a_clean_history(
+    client: TestClient, upstream: FakeUpstream
+) -> None:
     upstream.script(Reply(status=529), Reply(status=529))  # the first try and the one retry
     failed = client.post("/api/chat", json={"message": "first", "model": "anthropic/claude-fake-1"})
     assert failed.status_code == 502
@@ -165,7 +173,11 @@ def test_validation_happens_before_the_stream_opens(client: TestClient) -> None:
 # --- provider errors as the API reports them ----------------------------------------------------
 
 ERROR_CASES: list[tuple[list[Reply], int, str]] = [
-    ([Reply(status=400, error_message="This model's maximum context length is 8192 tokens")], 400, "provider_rejected"),
+    (
+        [Reply(status=400, error_message="This model's maximum context length is 8192 tokens")],
+        400,
+        "provider_rejected",
+    ),
     ([Reply(status=401)], 502, "provider_auth_failed"),
     ([Reply(status=403)], 502, "provider_auth_failed"),
     ([Reply(status=429, headers={"retry-after": "7"})], 429, "rate_limited"),
@@ -232,7 +244,12 @@ def test_history_leaves_out_failed_empty_replies(client: TestClient, upstream: F
 def test_conversation_crud(client: TestClient) -> None:
     created = client.post(
         "/api/conversations",
-        json={"title": "Plans", "model": "anthropic/claude-fake-1", "system": "Be kind.", "params": {"temperature": 0.3}},
+        json={
+            "title": "Plans",
+            "model": "anthropic/claude-fake-1",
+            "system": "Be kind.",
+            "params": {"temperature": 0.3},
+        },
     )
     assert created.status_code == 201
     conversation = created.json()
@@ -240,7 +257,9 @@ def test_conversation_crud(client: TestClient) -> None:
     assert conversation["messages"] == []
     assert conversation["params"] == {"temperature": 0.3, "max_tokens": None}
 
-    patched = client.patch(f"/api/conversations/{conversation['id']}", json={"title": "Trips", "system": None})
+    patched = client.patch(
+        f"/api/conversations/{conversation['id']}", json={"title": "Trips", "system": None}
+    )
     assert patched.status_code == 200
     assert patched.json()["title"] == "Trips"
     assert patched.json()["system"] is None
@@ -306,7 +325,10 @@ def test_two_turns_at_once_both_land_whole(client: TestClient, upstream: FakeUps
         assert reply == result["message"]
         assert by_id[reply["parent_id"]]["role"] == "user"
         assert reply["status"] == "complete"
-    assert sorted(m["content"] for m in messages[2:] if m["role"] == "assistant") == ["fast reply", "slow reply"]
+    assert sorted(m["content"] for m in messages[2:] if m["role"] == "assistant") == [
+        "fast reply",
+        "slow reply",
+    ]
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -1,0 +1,374 @@
+"""Providers with the real openai/anthropic SDKs over real HTTP against the fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+
+import providers
+from providers import (
+    Anthropic,
+    ChatMessage,
+    ChatRequest,
+    Finish,
+    ModelNotFound,
+    OpenAICompatible,
+    ProviderAuthFailed,
+    ProviderError,
+    ProviderMalformed,
+    ProviderNotConfigured,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderSpendLimit,
+    ProviderTimeout,
+    ProviderUnavailable,
+    Timeouts,
+    UnknownProvider,
+    alternating,
+    resolve,
+    sse_events,
+)
+from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY
+from tests.fake_upstream import FakeUpstream, Reply
+
+FAST = Timeouts(connect=2.0, idle=0.5)
+
+
+def openai_provider(upstream: FakeUpstream, **kwargs: Any) -> OpenAICompatible:
+    return OpenAICompatible(
+        "openai", upstream.openai_base_url, OPENAI_KEY, key_env_var="OPENAI_API_KEY", timeouts=FAST, **kwargs
+    )
+
+
+def anthropic_provider(upstream: FakeUpstream) -> Anthropic:
+    return Anthropic(
+        "anthropic",
+        upstream.anthropic_base_url,
+        ANTHROPIC_KEY,
+        key_env_var="ANTHROPIC_API_KEY",
+        timeouts=FAST,
+    )
+
+
+def request(model: str = "fake-model", text: str = "Hello there", **kwargs: Any) -> ChatRequest:
+    return ChatRequest(model=model, messages=[ChatMessage("user", text)], **kwargs)
+
+
+async def collect(provider: providers.Provider, req: ChatRequest) -> tuple[str, Finish]:
+    parts: list[str] = []
+    finish: Finish | None = None
+    try:
+        async for item in provider.stream(req):
+            if isinstance(item, Finish):
+                finish = item
+            else:
+                parts.append(item)
+    finally:
+        await provider.aclose()
+    assert finish is not None
+    return "".join(parts), finish
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+BOTH = pytest.mark.parametrize("kind", ["openai", "anthropic"])
+
+
+def make(kind: str, upstream: FakeUpstream) -> providers.Provider:
+    return openai_provider(upstream) if kind == "openai" else anthropic_provider(upstream)
+
+
+# --- streaming ----------------------------------------------------------------------------------
+
+
+@BOTH
+def test_stream_yields_deltas_then_finish_with_usage(kind: str, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(text="The quick brown fox", chunks=4, usage=(11, 4)))
+    text, finish = run(collect(make(kind, upstream), request()))
+    assert text == "The quick brown fox"
+    assert finish.input_tokens == 11
+    assert finish.output_tokens == 4
+    assert finish.reason == ("stop" if kind == "openai" else "end_turn")
+
+
+def test_openai_request_on_the_wire(upstream: FakeUpstream) -> None:
+    provider = openai_provider(upstream, max_tokens_field="max_completion_tokens")
+    run(collect(provider, request(system="Be brief.", temperature=0.7, max_tokens=99)))
+    sent = upstream.requests[-1]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert sent.body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there"},
+    ]
+    assert sent.body["temperature"] == 0.7
+    assert sent.body["max_completion_tokens"] == 99
+    assert sent.body["stream_options"] == {"include_usage": True}
+
+
+def test_keyless_local_server_gets_a_placeholder_key(upstream: FakeUpstream) -> None:
+    provider = OpenAICompatible("ollama", upstream.openai_base_url, timeouts=FAST)
+    assert provider.configured
+    text, _ = run(collect(provider, request(text="hi")))
+    assert text == "You said: hi"
+    assert upstream.requests[-1].headers["authorization"] == "Bearer no-key-needed"
+
+
+def test_anthropic_request_on_the_wire(upstream: FakeUpstream) -> None:
+    history = [
+        ChatMessage("assistant", "stray greeting"),
+        ChatMessage("user", "one"),
+        ChatMessage("assistant", ""),
+        ChatMessage("user", "two"),
+    ]
+    req = ChatRequest(model="claude-fake-1", messages=history, system="Be brief.", temperature=0.3)
+    run(collect(anthropic_provider(upstream), req))
+    sent = upstream.requests[-1]
+    assert sent.path == "/v1/messages"
+    assert sent.headers["authorization"] == f"Bearer {ANTHROPIC_KEY}"
+    assert "anthropic-version" in sent.headers
+    assert sent.body["system"] == "Be brief."
+    assert sent.body["temperature"] == 0.3
+    assert sent.body["max_tokens"] == 4096
+    assert sent.body["messages"] == [{"role": "user", "content": "one\n\ntwo"}]
+
+
+def test_alternating_history() -> None:
+    messages = [
+        ChatMessage("user", "a"),
+        ChatMessage("assistant", "b"),
+        ChatMessage("assistant", "c"),
+        ChatMessage("user", "d"),
+        ChatMessage("assistant", ""),
+        ChatMessage("user", "e"),
+    ]
+    assert alternating(messages) == [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b\n\nc"},
+        {"role": "user", "content": "d\n\ne"},
+    ]
+
+
+def test_the_client_is_built_once_and_reused(upstream: FakeUpstream) -> None:
+    provider = openai_provider(upstream)
+
+    async def twice() -> tuple[Any, Any]:
+        first = await provider.client()
+        async for _ in provider.stream(request()):
+            pass
+        second = await provider.client()
+        await provider.aclose()
+        return first, second
+
+    first, second = run(twice())
+    assert first is second
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+ERRORS: list[tuple[Reply, type[ProviderError]]] = [
+    (Reply(status=400, error_message="prompt is too long"), ProviderRejected),
+    (Reply(status=401), ProviderAuthFailed),
+    (Reply(status=403), ProviderAuthFailed),
+    (Reply(status=429, headers={"retry-after": "3"}), ProviderRateLimited),
+    (Reply(mode="midstream_error", text="a b c d"), ProviderUnavailable),
+    (Reply(mode="drop_before_first"), ProviderUnavailable),
+    (Reply(mode="drop_mid", text="a b c d"), ProviderUnavailable),
+    (Reply(mode="stall_headers"), ProviderTimeout),
+    (Reply(mode="stall_mid", text="a b c d"), ProviderTimeout),
+    (Reply(mode="malformed"), ProviderMalformed),
+]
+
+
+@BOTH
+@pytest.mark.parametrize(("reply", "expected"), ERRORS, ids=[f"{r.status}-{r.mode}" for r, _ in ERRORS])
+def test_errors_become_provider_errors(
+    kind: str, reply: Reply, expected: type[ProviderError], upstream: FakeUpstream
+) -> None:
+    upstream.script(reply, reply)
+    with pytest.raises(expected) as raised:
+        run(collect(make(kind, upstream), request()))
+    assert raised.value.detail
+    assert OPENAI_KEY not in raised.value.detail and ANTHROPIC_KEY not in raised.value.detail
+
+
+@BOTH
+def test_upstream_5xx_is_retried_once(kind: str, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(status=503), Reply(text="second time lucky"))
+    text, _ = run(collect(make(kind, upstream), request()))
+    assert text == "second time lucky"
+    assert len(upstream.requests) == 2
+
+
+@BOTH
+def test_5xx_twice_is_unavailable(kind: str, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(status=500), Reply(status=500), Reply(text="never reached"))
+    with pytest.raises(ProviderUnavailable):
+        run(collect(make(kind, upstream), request()))
+    assert len(upstream.requests) == 2
+
+
+@BOTH
+def test_rate_limit_is_not_retried_and_passes_retry_after(kind: str, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(status=429, headers={"retry-after": "12"}))
+    started = time.monotonic()
+    with pytest.raises(ProviderRateLimited) as raised:
+        run(collect(make(kind, upstream), request()))
+    assert time.monotonic() - started < 5
+    assert raised.value.retry_after == "12"
+    assert len(upstream.requests) == 1
+
+
+def test_retry_after_forms() -> None:
+    assert providers.retry_after({"retry-after": "3"}) == "3"
+    assert providers.retry_after({"retry-after": "1.2"}) == "2"
+    assert providers.retry_after({"retry-after-ms": "2500", "retry-after": "9"}) == "3"
+    in_ten = formatdate(time.time() + 10, usegmt=True)
+    assert providers.retry_after({"retry-after": in_ten}) in {"9", "10", "11"}
+    assert providers.retry_after({"retry-after": "soon"}) is None
+    assert providers.retry_after({}) is None
+
+
+def test_anthropic_spend_limit_is_not_a_plain_rate_limit(upstream: FakeUpstream) -> None:
+    upstream.script(Reply(status=429, error_code="enforced_spend_limit_reached"))
+    with pytest.raises(ProviderSpendLimit) as raised:
+        run(collect(anthropic_provider(upstream), request()))
+    assert raised.value.retry_after is None
+    assert len(upstream.requests) == 1
+
+
+def test_anthropic_overloaded_529_is_unavailable(upstream: FakeUpstream) -> None:
+    upstream.script(Reply(status=529), Reply(status=529))
+    with pytest.raises(ProviderUnavailable) as raised:
+        run(collect(anthropic_provider(upstream), request()))
+    assert "529" in raised.value.detail
+
+
+@BOTH
+def test_unknown_model_is_model_not_found(kind: str, upstream: FakeUpstream) -> None:
+    with pytest.raises(ModelNotFound) as raised:
+        run(collect(make(kind, upstream), request(model="something-missing")))
+    assert "something-missing" in raised.value.detail
+
+
+def test_connection_refused_says_where(upstream: FakeUpstream) -> None:
+    provider = OpenAICompatible("ollama", "http://127.0.0.1:9/v1", timeouts=FAST)
+    with pytest.raises(ProviderUnavailable) as raised:
+        run(collect(provider, request()))
+    assert "could not connect to ollama at http://127.0.0.1:9/v1" in raised.value.detail
+
+
+def test_upstream_message_echoing_the_key_is_redacted(upstream: FakeUpstream) -> None:
+    upstream.script(Reply(status=400, error_message=f"Incorrect API key provided: {OPENAI_KEY}"))
+    with pytest.raises(ProviderRejected) as raised:
+        run(collect(openai_provider(upstream), request()))
+    assert OPENAI_KEY not in raised.value.detail
+    assert "[redacted]" in raised.value.detail
+
+
+def test_an_unconfigured_provider_says_what_to_set(upstream: FakeUpstream) -> None:
+    provider = OpenAICompatible("openai", upstream.openai_base_url, None, key_env_var="OPENAI_API_KEY")
+    with pytest.raises(ProviderNotConfigured, match="OPENAI_API_KEY"):
+        run(collect(provider, request()))
+    assert upstream.requests == []
+
+
+# --- closing early ------------------------------------------------------------------------------
+
+
+@BOTH
+def test_closing_the_stream_early_closes_the_upstream_connection(kind: str, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(text="x " * 200, chunk_delay=0.02))
+    provider = make(kind, upstream)
+
+    async def read_two() -> float:
+        stream = provider.stream(request())
+        assert isinstance(stream, AsyncIterator)
+        seen = 0
+        async for item in stream:
+            seen += isinstance(item, str)
+            if seen == 2:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        closed_at = time.monotonic()
+        await provider.aclose()
+        return closed_at
+
+    closed_at = run(read_two())
+    upstream_closed = upstream.wait_closed(0, timeout=5)
+    assert upstream_closed is not None
+    assert upstream_closed - closed_at < 1.0
+
+
+# --- the event-stream parser and the dispatch table ---------------------------------------------
+
+
+async def chunks_of(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+def parse(*parts: bytes) -> list[tuple[bytes, bytes]]:
+    async def go() -> list[tuple[bytes, bytes]]:
+        return [event async for event in sse_events(chunks_of(*parts))]
+
+    result: list[tuple[bytes, bytes]] = asyncio.run(go())
+    return result
+
+
+def test_sse_parser_handles_splits_crlf_comments_and_multiline_data() -> None:
+    assert parse(b'data: {"a"', b": 1}\n", b"\n") == [(b"message", b'{"a": 1}')]
+    assert parse(b"event: ping\r\ndata: {}\r\n\r\n") == [(b"ping", b"{}")]
+    assert parse(b": keep-alive\n\ndata: x\ndata: y\n\n") == [(b"message", b"x\ny")]
+    assert parse(b"data:tight\n\n", b"event: e\ndata: z\n\n") == [(b"message", b"tight"), (b"e", b"z")]
+    assert parse(b"data: unfinished") == []
+
+
+def test_resolve_splits_at_the_first_slash(upstream: FakeUpstream) -> None:
+    ollama = OpenAICompatible("ollama", upstream.openai_base_url)
+    table: providers.ProviderTable = {"ollama": ollama, "openai": openai_provider(upstream)}
+    assert resolve(table, "ollama/hf.co/user/model:Q4") == (ollama, "hf.co/user/model:Q4")
+    for bad in ("ollama", "/model", "ollama/", "nobody/model"):
+        with pytest.raises(UnknownProvider):
+            resolve(table, bad)
+    table["openai"].api_key = None
+    with pytest.raises(ProviderNotConfigured, match="OPENAI_API_KEY"):
+        resolve(table, "openai/gpt-4o")
+
+
+def test_models_come_from_upstream_then_cache(upstream: FakeUpstream) -> None:
+    provider = openai_provider(upstream)
+
+    async def twice() -> list[tuple[list[str], str]]:
+        try:
+            return [await provider.models(), await provider.models()]
+        finally:
+            await provider.aclose()
+
+    first, second = run(twice())
+    assert first == (["fake-gpt-1", "fake-gpt-2"], "upstream")
+    assert second == first
+    assert len([r for r in upstream.requests if r.path == "/v1/models"]) == 1
+
+
+def test_models_fall_back_when_the_upstream_fails(upstream: FakeUpstream) -> None:
+    upstream.models_status = 503
+    provider = openai_provider(upstream, fallback_models=("gpt-4o-mini",))
+
+    async def once() -> tuple[list[str], str]:
+        try:
+            return await provider.models()
+        finally:
+            await provider.aclose()
+
+    try:
+        assert run(once()) == (["gpt-4o-mini"], "fallback")
+    finally:
+        upstream.models_status = 200

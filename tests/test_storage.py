@@ -1,0 +1,323 @@
+"""Storage: atomic durable files, locking across tasks and processes, the listing index, schema."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import storage
+from storage import (
+    ConversationNotFound,
+    ConversationUnreadable,
+    Message,
+    StorageError,
+    StorageFull,
+    Store,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS: storage.Params = {"temperature": None, "max_tokens": None}
+
+
+def opened(data_dir: Path) -> Store:
+    store = Store(data_dir)
+    store.open()
+    return store
+
+
+def placeholder(conversation: storage.Conversation) -> Message:
+    return {
+        "id": storage.new_id(),
+        "parent_id": None,
+        "role": "assistant",
+        "content": "",
+        "created_at": storage.now(),
+        "model": conversation["model"],
+        "status": "incomplete",
+    }
+
+
+async def turn(store: Store, conversation: str | storage.Conversation, text: str, answer: str) -> str:
+    record = await store.append_turn(conversation, text, placeholder)
+    await store.finish_reply(
+        record.conversation["id"], {**record.reply, "content": answer, "status": "complete"}
+    )
+    return record.conversation["id"]
+
+
+def new(model: str = "openai/x") -> storage.Conversation:
+    return storage.new_conversation(model=model, system=None, params=PARAMS)
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def test_directories_and_files_are_private(data_dir: Path) -> None:
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "hi", "hello"))
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.conversations.stat().st_mode) == 0o700
+    path = store.conversations / f"{conversation_id}.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.journal.stat().st_mode) == 0o600
+
+
+def test_a_turn_is_saved_as_valid_json_with_the_documented_fields(data_dir: Path) -> None:
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "What is 2+2?", "4"))
+    doc = json.loads((store.conversations / f"{conversation_id}.json").read_text())
+    assert doc["schema_version"] == storage.SCHEMA_VERSION
+    assert set(doc) == {
+        "schema_version", "id", "title", "created_at", "updated_at", "model", "system", "params",
+        "current_id", "messages",
+    }  # fmt: skip
+    user, reply = doc["messages"]
+    assert user["role"] == "user" and user["content"] == "What is 2+2?" and user["parent_id"] is None
+    assert reply["parent_id"] == user["id"] and reply["content"] == "4" and reply["status"] == "complete"
+    assert doc["current_id"] == reply["id"]
+    assert doc["title"] == "What is 2+2?"
+
+
+def test_write_durably_replaces_whole_and_cleans_up_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "file.json"
+    storage.write_durably(target, b'{"v": 1}')
+    assert target.read_bytes() == b'{"v": 1}'
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        storage.write_durably(target, b'{"v": 2}')
+    assert target.read_bytes() == b'{"v": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(errno.ENOSPC, StorageFull), (errno.EIO, StorageError), (errno.EACCES, StorageError)],
+)
+def test_disk_errors_fail_the_write_and_keep_the_old_file(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, code: int, expected: type[StorageError]
+) -> None:
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "first", "one"))
+    before = (store.conversations / f"{conversation_id}.json").read_bytes()
+    real_write = os.write
+
+    def failing_write(fd: int, data: Any) -> int:
+        if fd != 1 and fd != 2 and b'"second"' in bytes(data):
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(expected) as raised:
+        asyncio.run(turn(store, conversation_id, "second", "two"))
+    assert os.strerror(code) in raised.value.detail
+    monkeypatch.undo()
+    assert (store.conversations / f"{conversation_id}.json").read_bytes() == before
+    assert [p.name for p in store.conversations.iterdir() if p.name.endswith(".tmp")] == []
+    asyncio.run(turn(store, conversation_id, "third", "three"))  # the store still works
+
+
+def test_stale_temp_files_are_removed_at_open(data_dir: Path) -> None:
+    store = opened(data_dir)
+    stale = store.conversations / ".abc.json.1234.tmp"
+    fresh = store.conversations / ".def.json.5678.tmp"
+    stale.write_bytes(b"{")
+    fresh.write_bytes(b"{")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    store.open()
+    assert not stale.exists()
+    assert fresh.exists()  # may belong to another process's write in progress
+
+
+# --- ids ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["../secret", "..", "/etc/passwd", "A" * 32, "0" * 31, "0" * 33, "0" * 31 + "/", "", "%2e%2e"]
+)
+def test_invalid_ids_never_reach_the_file_system(data_dir: Path, bad: str) -> None:
+    store = opened(data_dir)
+    before = sorted(data_dir.rglob("*"))
+    with pytest.raises(ConversationNotFound):
+        asyncio.run(store.get(bad))
+    with pytest.raises(ConversationNotFound):
+        asyncio.run(store.delete(bad))
+    assert sorted(data_dir.rglob("*")) == before
+
+
+# --- concurrency --------------------------------------------------------------------------------
+
+
+def test_concurrent_turns_in_one_process_all_land(data_dir: Path) -> None:
+    store = opened(data_dir)
+
+    async def many() -> str:
+        conversation_id = await turn(store, new(), "start", "ok")
+        await asyncio.gather(*(turn(store, conversation_id, f"q{i}", f"a{i}") for i in range(40)))
+        return conversation_id
+
+    conversation_id = asyncio.run(many())
+    conversation = asyncio.run(store.get(conversation_id))
+    assert len(conversation["messages"]) == 82
+    by_id = {m["id"]: m for m in conversation["messages"]}
+    for message in conversation["messages"]:
+        if message["role"] == "assistant" and message["content"] != "ok":
+            question = by_id[message["parent_id"] or ""]
+            assert question["content"] == "q" + message["content"][1:]
+    assert [m["content"] for m in storage.current_branch(conversation)][:2] == ["start", "ok"]
+    assert len(storage.current_branch(conversation)) == 82
+
+
+APPENDER = """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+import storage
+from tests.test_storage import turn
+async def main():
+    store = storage.Store(Path({data!r}))
+    store.open()
+    for i in range({count}):
+        await turn(store, {cid!r}, f"{tag}-{{i}}", "ok")
+asyncio.run(main())
+"""
+
+
+def test_two_processes_appending_lose_nothing(data_dir: Path) -> None:
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "start", "ok"))
+    count = 60
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                APPENDER.format(
+                    root=str(ROOT), data=str(data_dir), count=count, cid=conversation_id, tag=tag
+                ),
+            ]
+        )
+        for tag in ("p1", "p2")
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    conversation = asyncio.run(store.get(conversation_id))
+    texts = [m["content"] for m in conversation["messages"] if m["role"] == "user"]
+    assert len(texts) == 1 + 2 * count
+    assert len(set(texts)) == len(texts)
+
+
+# --- the listing index --------------------------------------------------------------------------
+
+
+def test_listing_sees_writes_from_another_store_on_the_same_dir(data_dir: Path) -> None:
+    here, there = opened(data_dir), opened(data_dir)
+
+    async def scenario() -> None:
+        first = await turn(here, new(), "mine", "ok")
+        assert [s["id"] for s in (await here.list_conversations(10, None))[0]] == [first]
+        second = await turn(there, new(), "theirs", "ok")
+        assert [s["id"] for s in (await here.list_conversations(10, None))[0]] == [second, first]
+        await there.update(first, {"title": "renamed"})
+        items = (await here.list_conversations(10, None))[0]
+        assert [(s["id"], s["title"]) for s in items] == [(first, "renamed"), (second, "theirs")]
+        await there.delete(second)
+        assert [s["id"] for s in (await here.list_conversations(10, None))[0]] == [first]
+
+    asyncio.run(scenario())
+
+
+def test_listing_rebuilds_when_the_journal_is_missing_or_truncated(data_dir: Path) -> None:
+    store = opened(data_dir)
+
+    async def scenario() -> None:
+        ids = [await turn(store, new(), f"c{i}", "ok") for i in range(3)]
+        assert len((await store.list_conversations(10, None))[0]) == 3
+        store.journal.unlink()
+        other = opened(data_dir)
+        ids.append(await turn(other, new(), "after", "ok"))
+        listed = {s["id"] for s in (await store.list_conversations(10, None))[0]}
+        assert listed == set(ids)
+
+    asyncio.run(scenario())
+
+
+def test_a_corrupt_file_is_reported_skipped_and_left_untouched(data_dir: Path) -> None:
+    store = opened(data_dir)
+    good = asyncio.run(turn(store, new(), "fine", "ok"))
+    broken_id = storage.new_id()
+    broken = store.conversations / f"{broken_id}.json"
+    broken.write_bytes(b'{"schema_version": 1, "id": "trunc')
+    fresh = opened(data_dir)
+    items, _ = asyncio.run(fresh.list_conversations(10, None))
+    assert [s["id"] for s in items] == [good]
+    assert broken_id in asyncio.run(fresh.unreadable())
+    with pytest.raises(ConversationUnreadable, match="not valid JSON"):
+        asyncio.run(fresh.get(broken_id))
+    with pytest.raises(ConversationUnreadable):
+        asyncio.run(turn(fresh, broken_id, "more", "ok"))
+    assert broken.read_bytes() == b'{"schema_version": 1, "id": "trunc'
+
+
+def test_a_file_from_a_newer_version_is_refused_not_overwritten(data_dir: Path) -> None:
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "hi", "ok"))
+    path = store.conversations / f"{conversation_id}.json"
+    doc = json.loads(path.read_text())
+    doc["schema_version"] = storage.SCHEMA_VERSION + 1
+    path.write_text(json.dumps(doc))
+    before = path.read_bytes()
+    with pytest.raises(ConversationUnreadable, match="newer version"):
+        asyncio.run(store.get(conversation_id))
+    with pytest.raises(ConversationUnreadable):
+        asyncio.run(store.update(conversation_id, {"title": "x"}))
+    assert path.read_bytes() == before
+
+
+def test_an_older_file_is_migrated_when_read(data_dir: Path) -> None:
+    store = opened(data_dir)
+    conversation_id = storage.new_id()
+    legacy = {
+        "id": conversation_id,
+        "created_at": "2026-01-01T00:00:00.000000Z",
+        "updated_at": "2026-01-01T00:00:00.000000Z",
+        "model": "openai/gpt-4o-mini",
+        "messages": [{"role": "user", "content": "old"}, {"role": "assistant", "content": "reply"}],
+    }
+    (store.conversations / f"{conversation_id}.json").write_text(json.dumps(legacy))
+    conversation = asyncio.run(store.get(conversation_id))
+    assert conversation["schema_version"] == storage.SCHEMA_VERSION
+    branch = storage.current_branch(conversation)
+    assert [m["content"] for m in branch] == ["old", "reply"]
+    assert branch[1]["parent_id"] == branch[0]["id"]
+    assert branch[1]["status"] == "complete"
+    asyncio.run(turn(store, conversation_id, "new", "ok"))
+    saved = json.loads((store.conversations / f"{conversation_id}.json").read_text())
+    assert saved["schema_version"] == storage.SCHEMA_VERSION
+    assert len(saved["messages"]) == 4
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    summary: storage.Summary = {
+        "id": "a" * 32, "title": None, "created_at": "t", "updated_at": "2026-01-01T00:00:00.000000Z",
+        "model": "m", "message_count": 0,
+    }  # fmt: skip
+    assert storage.decode_cursor(storage.encode_cursor(summary)) == ("2026-01-01T00:00:00.000000Z", "a" * 32)
+    for garbage in ("", "!!", "Zm9v", "x" * 100):
+        with pytest.raises(storage.InvalidCursor):
+            storage.decode_cursor(garbage)
