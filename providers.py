@@ -357,17 +357,15 @@ class OpenAICompatible(Provider):
     def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
         messages = [{"role": "system", "content": request.system}] if request.system else []
         messages += [{"role": m.role, "content": m.content} for m in request.messages]
-        options: dict[str, Any] = {}
+        body: dict[str, Any] = {"messages": messages, "stream_options": {"include_usage": True}}
         if request.temperature is not None:
-            options["temperature"] = request.temperature
+            body["temperature"] = request.temperature
         if request.max_tokens is not None:
-            options[self.max_tokens_field] = request.max_tokens
+            body[self.max_tokens_field] = request.max_tokens
+        # The SDK walks every message of `messages=` through its type-driven transform, ~0.2 ms each
+        # (a 2,000-message history took 400 ms); `extra_body` is sent as is and takes precedence.
         return client.chat.completions.with_streaming_response.create(  # type: ignore[no-any-return]
-            model=request.model,
-            messages=messages,
-            stream=True,
-            stream_options={"include_usage": True},
-            **options,
+            model=request.model, messages=[], stream=True, extra_body=body
         )
 
     async def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.fake_upstream import FakeUpstream
 OPENAI_KEY = "sk-test-OPENAI-SECRET-0123456789"
 ANTHROPIC_KEY = "sk-ant-test-ANTHROPIC-SECRET-0123456789"
 SERVER_KEY = "lmstudio-test-SERVER-SECRET-0123456789"
+TOKEN = "a-long-enough-test-TOKEN-0123456789"
 
 # Variables the SDKs or our settings read from the environment: none may come from the machine.
 ENV_PREFIXES = ("OPENAI_", "ANTHROPIC_", "CHAT_", "OLLAMA_")
@@ -29,6 +31,16 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith(ENV_PREFIXES):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no stray .env is read
+
+
+@pytest.fixture(autouse=True)
+def no_secret_is_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test runs with DEBUG logging captured; no fake key or token may appear in it."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="filelock")  # a line per lock: noise in failure reports
+    yield
+    for secret in (OPENAI_KEY, ANTHROPIC_KEY, SERVER_KEY, TOKEN):
+        assert secret not in caplog.text, f"a secret was logged: {secret[:12]}..."
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +118,7 @@ def stream_chat(client: TestClient, **body: Any) -> list[tuple[str, Any]]:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         return parse_events(response.read().decode())
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="run the long reliability variants")

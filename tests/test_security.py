@@ -13,11 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 import main
-from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, SERVER_KEY, settings_for, stream_chat
+from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, SERVER_KEY, TOKEN, settings_for, stream_chat
 from tests.fake_upstream import FakeUpstream, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "a-long-enough-test-token-123456"
 SECRETS = (OPENAI_KEY, ANTHROPIC_KEY, SERVER_KEY, TOKEN)
 
 
