@@ -697,7 +697,19 @@ def chat_stream_doc() -> dict[str, Any]:
         "description": "JSON when `stream` is false; with `stream: true`, `text/event-stream` with events "
         "`start` {conversation_id, user_message_id, message_id}, `delta` {text}, then `done` {message} "
         "or `error` {error: {type, message}, message}.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": "one server-sent event; `data` is JSON",
+                    "properties": {
+                        "event": {"enum": ["start", "delta", "done", "error"]},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                    },
+                    "required": ["event", "data"],
+                }
+            }
+        },
     }
 
 
