@@ -169,7 +169,7 @@ async def begin_turn(
     An unknown or unconfigured provider raises before anything is written.
     """
     if conversation_id is None:
-        resolve(table, options.model or default_model)  # refuse before a new file or lock exists
+        resolve(table, options.model or default_model)  # refuse before a new file exists
     chosen: list[tuple[Provider, ChatRequest]] = []
 
     def make_reply(conversation: Conversation) -> Message:
@@ -205,11 +205,15 @@ async def begin_turn(
             reply["system"] = system
         return reply
 
-    target: str | Conversation = conversation_id or storage.new_conversation(
-        model=options.model or default_model,
-        system=options.system,
-        params={"temperature": options.temperature, "max_tokens": options.max_tokens},
-    )
+    target: str | Conversation
+    if conversation_id is not None:
+        target = conversation_id
+    else:
+        target = storage.new_conversation(
+            model=options.model or default_model,
+            system=options.system,
+            params={"temperature": options.temperature, "max_tokens": options.max_tokens},
+        )
     record = await store.append_turn(target, text, make_reply)
     provider, request = chosen[-1]
     return Turn(
@@ -293,12 +297,18 @@ async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> No
 async def run_to_completion(turn: Turn, receive: Receive) -> Message | None:
     """A non-streaming turn; returns None if the client disconnected first."""
     result: list[Message] = []
+    failed: list[StorageError] = []
 
     async def ignore(_: str | None) -> None:
         return None
 
     async with anyio.create_task_group() as group:
         group.start_soon(cancel_on_disconnect, receive, group.cancel_scope)
-        result.append(await turn.run(ignore))
+        try:
+            result.append(await turn.run(ignore))
+        except StorageError as exc:  # raised outside the task group, not wrapped in an ExceptionGroup
+            failed.append(exc)
         group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
     return result[0] if result else None

@@ -226,7 +226,9 @@ class Strict(BaseModel):
 
 class ChatIn(Strict):
     message: str = Field(min_length=1, max_length=500_000, description="The user's message.")
-    conversation_id: str | None = Field(None, description="Continue this conversation; omit to start one.")
+    conversation_id: str | None = Field(
+        None, min_length=1, max_length=64, description="Continue this conversation; omit to start one."
+    )
     model: ModelName | None = Field(None, description="provider/model; default: the conversation's.")
     system: SystemPrompt | None = None
     temperature: Temperature | None = None
@@ -411,6 +413,16 @@ class Guard:
         return f"{what}; the limit is {self.settings.max_body_bytes} bytes (CHAT_MAX_BODY_BYTES)"
 
     def refuse(self, scope: Scope, headers: dict[str, str]) -> Response | None:
+        peer = (scope.get("client") or ("", 0))[0]
+        if self.settings.loopback and not self.settings.allow_remote and not is_loopback(peer):
+            # e.g. `uvicorn main:app --host 0.0.0.0`, which skips main()'s refusal
+            return error(
+                403,
+                f"requests from {peer or 'an unknown address'} are refused: CHAT_HOST is "
+                f"{self.settings.host}, so this service answers this machine only; set CHAT_HOST and "
+                f"CHAT_API_TOKEN to serve others",
+                "forbidden_client",
+            )
         host = headers.get("host", "")
         if not self.host_ok(host):
             return error(
@@ -660,10 +672,11 @@ def add_routes(app: FastAPI) -> None:
         for name in ("title", "model"):
             if name in changes and changes[name] is None:
                 changes.pop(name)
-        if "params" in changes:
-            changes["params"] = params_dict(body.params or ParamsModel())
-        conversation = await store.update(conversation_id, changes)
-        return JSON(conversation_out(conversation))
+        if body.params is not None:
+            changes["params"] = body.params.model_dump(exclude_unset=True)
+        if not changes:
+            return JSON(conversation_out(await store.get(conversation_id)))
+        return JSON(conversation_out(await store.update(conversation_id, changes)))
 
     @app.delete("/api/conversations/{conversation_id}", status_code=204, tags=["conversations"])
     async def delete_conversation(conversation_id: str, store: StoreDep) -> Response:

@@ -69,12 +69,12 @@ class Timeouts:
 class ProviderError(Exception):
     status_code = 502
     type = "provider_error"
-    retryable = False
 
-    def __init__(self, detail: str, *, retry_after: str | None = None) -> None:
+    def __init__(self, detail: str, *, retry_after: str | None = None, retryable: bool = False) -> None:
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
+        self.retryable = retryable  # safe to try once more before anything reached the client
 
 
 class UnknownProvider(ProviderError):
@@ -119,7 +119,6 @@ class ProviderSpendLimit(ProviderError):
 class ProviderUnavailable(ProviderError):
     status_code = 502
     type = "provider_unavailable"
-    retryable = True
 
 
 class ProviderMalformed(ProviderError):
@@ -296,13 +295,15 @@ class Provider:
             body = getattr(exc, "body", None)
             code = getattr(exc, "error_code", None) or getattr(exc, "code", None)
             return self.from_status(status, self.redact(upstream_message(body)), model, headers, code)
+        if name in ("APIConnectionError", "ConnectError", "ConnectTimeout"):
+            return ProviderUnavailable(
+                f"could not connect to {self.name} at {self.base_url}: is it running?", retryable=True
+            )
         if "Timeout" in name:
             return ProviderTimeout(
                 f"{self.name} sent nothing for {self.timeouts.idle:g} s; try again, or raise "
                 f"CHAT_STREAM_IDLE_TIMEOUT for slow local models"
             )
-        if name == "APIConnectionError" or name in ("ConnectError", "ConnectTimeout"):
-            return ProviderUnavailable(f"could not connect to {self.name} at {self.base_url}: is it running?")
         if isinstance(exc, (orjson.JSONDecodeError, KeyError, TypeError, AttributeError)):
             return ProviderMalformed(f"{self.name} sent a reply that could not be read ({name})")
         if "Error" in name and type(exc).__module__.startswith("httpx"):
@@ -334,7 +335,9 @@ class Provider:
             )
         if status == 408:
             return ProviderTimeout(f"{self.name} timed out{said}")
-        return ProviderUnavailable(f"{self.name} failed ({status}){said}; try again shortly")
+        return ProviderUnavailable(
+            f"{self.name} failed ({status}){said}; try again shortly", retryable=status in RETRY_STATUSES
+        )
 
     def from_stream_error(self, exc: BaseException) -> ProviderError:
         return ProviderUnavailable(f"{self.name} failed: {self.redact(str(exc)) or type(exc).__name__}")

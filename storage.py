@@ -38,7 +38,6 @@ from filelock import FileLock
 SCHEMA_VERSION = 1
 ID_RE = re.compile(r"[0-9a-f]{32}")
 FILE_RE = re.compile(r"([0-9a-f]{32})\.json")
-TITLE_MAX = 200
 JOURNAL_MAX_BYTES = 4 * 1024 * 1024
 STALE_TEMP_SECONDS = 60.0
 
@@ -460,16 +459,20 @@ class Store:
         self, *, model: str, system: str | None, params: Params, title: str | None = None
     ) -> Conversation:
         conversation = new_conversation(model=model, system=system, params=params, title=title)
-        return await self._locked(conversation["id"], lambda: self._write_new(conversation))
+        return await self._locked(conversation["id"], lambda: self._write_new(conversation), creating=True)
 
     async def get(self, conversation_id: str) -> Conversation:
-        return await self._locked(conversation_id, lambda: self._read(conversation_id))
+        # No lock needed to read: a file is only ever replaced whole, so a reader sees old or new.
+        self._check_id(conversation_id)
+        return await anyio.to_thread.run_sync(self._read, conversation_id)
 
     async def update(self, conversation_id: str, changes: dict[str, Any]) -> Conversation:
-        """Set top-level fields (title, model, system, params)."""
+        """Set top-level fields (title, model, system); `params` given are merged into the current ones."""
 
         def change(conversation: Conversation) -> None:
+            params = {**conversation["params"], **changes.pop("params", {})}
             conversation.update(changes)  # type: ignore[typeddict-item]
+            conversation["params"] = params  # type: ignore[typeddict-item]
 
         return await self._modify(conversation_id, change)
 
@@ -524,7 +527,7 @@ class Store:
             written = await self._modify(conversation, change)
         else:
             written = await self._locked(
-                conversation["id"], lambda: self._apply_and_write(conversation, change)
+                conversation["id"], lambda: self._apply_and_write(conversation, change), creating=True
             )
         return TurnRecord(written, saved[0], saved[1])
 
@@ -542,18 +545,23 @@ class Store:
 
     # internals: everything below runs under both locks, in a worker thread
 
-    async def _locked(self, conversation_id: str, work: Callable[[], T]) -> T:
+    def _check_id(self, conversation_id: str) -> None:
         if not is_valid_id(conversation_id):
             raise ConversationNotFound(
                 f"no conversation {conversation_id!r}: ids are 32 lowercase hex characters"
             )
+
+    async def _locked(self, conversation_id: str, work: Callable[[], T], creating: bool = False) -> T:
+        self._check_id(conversation_id)
         lock = self._task_locks.get(conversation_id)
         if lock is None:
             lock = self._task_locks[conversation_id] = asyncio.Lock()
         async with lock:
-            return await anyio.to_thread.run_sync(self._with_file_lock, conversation_id, work)
+            return await anyio.to_thread.run_sync(self._with_file_lock, conversation_id, work, creating)
 
-    def _with_file_lock(self, conversation_id: str, work: Callable[[], T]) -> T:
+    def _with_file_lock(self, conversation_id: str, work: Callable[[], T], creating: bool) -> T:
+        if not creating and not self._path(conversation_id).exists():
+            self._read(conversation_id)  # raises ConversationNotFound, before a lock file is made for it
         lock_path = self.conversations / f"{conversation_id}.json.lock"
         try:
             file_lock = FileLock(lock_path, mode=0o600, preserve_lock_file=True, fallback_to_soft=False)

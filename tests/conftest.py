@@ -84,7 +84,7 @@ def make_client(upstream: FakeUpstream, data_dir: Path) -> Iterator[Callable[...
 
     def make(**overrides: Any) -> TestClient:
         app: FastAPI = main.create_app(settings_for(upstream, data_dir, **overrides))
-        client = TestClient(app, base_url="http://127.0.0.1")
+        client = TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000))
         client.__enter__()
         clients.append(client)
         return client

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -270,6 +271,29 @@ def test_conversation_crud(client: TestClient) -> None:
     assert missing.status_code == 404
     assert missing.json()["type"] == "conversation_not_found"
     assert client.delete(f"/api/conversations/{conversation['id']}").status_code == 404
+
+
+def test_patch_merges_params_and_an_empty_patch_writes_nothing(client: TestClient, data_dir: Path) -> None:
+    conversation = client.post(
+        "/api/conversations", json={"params": {"temperature": 0.4, "max_tokens": 99}}
+    ).json()
+    patched = client.patch(f"/api/conversations/{conversation['id']}", json={"params": {"max_tokens": 10}})
+    assert patched.json()["params"] == {"temperature": 0.4, "max_tokens": 10}
+    path = data_dir / "conversations" / f"{conversation['id']}.json"
+    before = path.read_bytes()
+    unchanged = client.patch(f"/api/conversations/{conversation['id']}", json={})
+    assert unchanged.status_code == 200
+    assert unchanged.json() == patched.json()
+    assert path.read_bytes() == before
+
+
+def test_unknown_ids_leave_no_files_behind(client: TestClient, data_dir: Path) -> None:
+    unknown = "0" * 32
+    for method in ("GET", "PATCH", "DELETE"):
+        assert client.request(method, f"/api/conversations/{unknown}", json={"title": "x"}).status_code == 404
+    assert client.post("/api/chat", json={"message": "hi", "conversation_id": unknown}).status_code == 404
+    assert client.post("/api/chat", json={"message": "hi", "conversation_id": ""}).status_code == 422
+    assert list((data_dir / "conversations").iterdir()) == []
 
 
 def test_patch_refuses_an_unknown_provider(client: TestClient) -> None:

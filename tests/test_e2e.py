@@ -178,8 +178,15 @@ def test_client_disconnect_during_a_non_streaming_turn_closes_upstream(
     service: Service, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     upstream.script(Reply(mode="stall_headers"))
-    with pytest.raises(httpx2.ReadTimeout):
-        httpx2.post(f"{service.url}/api/chat", json={"message": "wait"}, timeout=0.5)
+    body = json.dumps({"message": "wait"}).encode()
+    port = int(service.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = "POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 20
+        while not upstream.requests and time.monotonic() < deadline:  # the provider has been called
+            time.sleep(0.01)
+        assert upstream.requests
     gone_at = time.monotonic()
     closed_at = upstream.wait_closed(0, timeout=10)
     assert closed_at is not None and closed_at - gone_at < 2.0

@@ -79,7 +79,7 @@ def test_spend_limit_is_a_429_without_retry_after(client: TestClient, upstream: 
     assert "retry-after" not in response.headers
 
 
-def test_rate_limit_while_streaming_is_a_plain_429_before_the_stream(
+def test_rate_limit_once_the_stream_is_open_is_an_error_event(
     client: TestClient, upstream: FakeUpstream
 ) -> None:
     upstream.script(Reply(status=429, headers={"retry-after": "5"}))
@@ -134,6 +134,23 @@ def test_a_disk_error_fails_the_request_cleanly_and_keeps_the_old_file(
     assert client.post("/api/chat", json={"message": "fine", "conversation_id": bystander}).status_code == 200
     monkeypatch.undo()
     assert client.post("/api/chat", json={"message": "again", "conversation_id": victim}).status_code == 200
+
+
+def test_a_failed_reply_save_is_a_507_without_streaming(
+    client: TestClient, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream.script(Reply(text="unsaveable answer"))
+    real_write = os.write
+
+    def failing_write(fd: int, data: Any) -> int:
+        if b"unsaveable answer" in bytes(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", failing_write)
+    response = client.post("/api/chat", json={"message": "go"})
+    assert response.status_code == 507
+    assert response.json()["type"] == "storage_full"
 
 
 def test_a_failed_reply_save_is_an_error_event(

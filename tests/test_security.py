@@ -76,6 +76,20 @@ def test_other_host_names_are_refused_on_loopback(client: TestClient, host: str)
     assert response.json()["type"] == "forbidden_host"
 
 
+def test_other_machines_are_refused_when_configured_for_loopback(
+    make_client: Callable[..., TestClient],
+) -> None:
+    local = make_client()
+    app = local.app
+    with TestClient(app, base_url="http://127.0.0.1", client=("192.168.1.20", 40000)) as remote:
+        response = remote.get("/api/health")  # what `uvicorn main:app --host 0.0.0.0` would let in
+        assert response.status_code == 403
+        assert response.json()["type"] == "forbidden_client"
+        assert "CHAT_API_TOKEN" in response.json()["detail"]
+    with TestClient(app, base_url="http://127.0.0.1", client=("::1", 40000)) as ipv6:
+        assert ipv6.get("/api/health").status_code == 200
+
+
 def test_allowed_hosts_extend_the_list(make_client: Callable[..., TestClient]) -> None:
     client = make_client(CHAT_ALLOWED_HOSTS="chat.home.arpa, other.home.arpa")
     assert client.get("/api/health", headers={"Host": "chat.home.arpa:8000"}).status_code == 200
