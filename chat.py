@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import orjson
@@ -27,6 +27,24 @@ log = logging.getLogger("chat.turn")
 
 KEEPALIVE_SECONDS = 15.0
 Emit = Callable[[str | None], Awaitable[None]]  # text to relay, or None for a keep-alive
+
+
+class TurnTracker:
+    """The turns in progress, so that shutdown can end them at once and wait until they are saved."""
+
+    def __init__(self) -> None:
+        self.unsaved: set[asyncio.Future[None]] = set()
+        self.stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def wait_saved(self, seconds: float) -> int:
+        """Wait (at most `seconds`) for every turn's reply to be on disk; returns how many were running."""
+        count = len(self.unsaved)
+        if self.unsaved:
+            await asyncio.wait(self.unsaved, timeout=seconds)
+        return count
 
 
 @dataclass(frozen=True)
@@ -57,22 +75,23 @@ class Turn:
     reply: Message
     provider: Provider
     request: ChatRequest
-    in_flight: set[asyncio.Future[None]]  # shared with the app, which waits on it at shutdown
+    tracker: TurnTracker
     parts: list[str] = field(default_factory=list)
     finish: Finish | None = None
     error: ProviderError | None = None
+    final: Message | None = None  # the reply as saved, once `run` has ended
 
     async def run(self, emit: Emit) -> Message:
         """Relay the reply through `emit`, then save it; the save survives cancellation.
 
-        The turn stays in `in_flight` until its reply is on disk, so shutdown can wait for it.
+        The turn stays in the tracker until its reply is on disk, so shutdown can wait for it.
         """
         saved = asyncio.get_running_loop().create_future()
-        self.in_flight.add(saved)
+        self.tracker.unsaved.add(saved)
         try:
             await self._relay(emit)
         finally:
-            final = self._final_reply()
+            final = self.final = self._final_reply()
             save = asyncio.ensure_future(self.store.finish_reply(self.conversation_id, final))
             save.add_done_callback(lambda _: self._settle(saved))
             with anyio.CancelScope(shield=True):
@@ -82,7 +101,7 @@ class Turn:
         return final
 
     def _settle(self, saved: asyncio.Future[None]) -> None:
-        self.in_flight.discard(saved)
+        self.tracker.unsaved.discard(saved)
         saved.set_result(None)
 
     async def _relay(self, emit: Emit) -> None:
@@ -156,7 +175,7 @@ class Turn:
 async def begin_turn(
     store: Store,
     table: ProviderTable,
-    in_flight: set[asyncio.Future[None]],
+    tracker: TurnTracker,
     *,
     conversation_id: str | None,
     text: str,
@@ -223,7 +242,7 @@ async def begin_turn(
         reply=record.reply,
         provider=provider,
         request=request,
-        in_flight=in_flight,
+        tracker=tracker,
     )
 
 
@@ -236,6 +255,9 @@ def sse(event: str, data: Any) -> bytes:
 
 def error_payload(error: ProviderError | StorageError) -> dict[str, str]:
     return {"type": error.type, "message": error.detail}
+
+
+SHUTDOWN = {"type": "server_shutdown", "message": "the server is shutting down; the reply so far is saved"}
 
 
 class EventStream(Response):
@@ -258,57 +280,61 @@ class EventStream(Response):
         self.turn = turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        turn = self.turn
 
         async def emit(text: str | None) -> None:
             body = b": keep-alive\n\n" if text is None else sse("delta", {"text": text})
             await send({"type": "http.response.body", "body": body, "more_body": True})
 
-        turn = self.turn
         start = {
             "conversation_id": turn.conversation_id,
             "user_message_id": turn.user_message["id"],
             "message_id": turn.reply["id"],
         }
-        async with anyio.create_task_group() as group:
-            group.start_soon(cancel_on_disconnect, receive, group.cancel_scope)
-            try:
-                await send({"type": "http.response.body", "body": sse("start", start), "more_body": True})
-                try:
-                    reply = await turn.run(emit)
-                    end = sse("done", {"message": reply})
-                    if reply["status"] == "error" and turn.error is not None:
-                        end = sse("error", {"error": error_payload(turn.error), "message": reply})
-                except StorageError as exc:
-                    end = sse("error", {"error": error_payload(exc), "message": turn._final_reply()})
-                await send({"type": "http.response.body", "body": end, "more_body": False})
-            except OSError:
-                pass  # the client went away while we were sending; the reply is saved
-            finally:
-                group.cancel_scope.cancel()
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": sse("start", start), "more_body": True})
+        try:
+            outcome = await run_watched(turn, receive, emit)
+        except StorageError as exc:
+            end = sse("error", {"error": error_payload(exc), "message": turn.final})
+        else:
+            if outcome == "gone":
+                return
+            end = sse("done", {"message": turn.final})
+            if outcome == "stopped":
+                end = sse("error", {"error": SHUTDOWN, "message": turn.final})
+            elif turn.error is not None:
+                end = sse("error", {"error": error_payload(turn.error), "message": turn.final})
+        await send({"type": "http.response.body", "body": end, "more_body": False})
 
 
-async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
-async def run_to_completion(turn: Turn, receive: Receive) -> Message | None:
-    """A non-streaming turn; returns None if the client disconnected first."""
-    result: list[Message] = []
+async def run_watched(turn: Turn, receive: Receive, emit: Emit) -> Literal["done", "gone", "stopped"]:
+    """Run the turn until it ends ("done"), the client disconnects ("gone") or the server stops."""
+    outcome: Literal["done", "gone", "stopped"] = "done"
     failed: list[StorageError] = []
 
-    async def ignore(_: str | None) -> None:
-        return None
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def watch(event: Literal["gone", "stopped"], happened: Callable[[], Awaitable[Any]]) -> None:
+        nonlocal outcome
+        await happened()
+        outcome = event
+        group.cancel_scope.cancel()
 
     async with anyio.create_task_group() as group:
-        group.start_soon(cancel_on_disconnect, receive, group.cancel_scope)
+        group.start_soon(watch, "gone", disconnected)
+        group.start_soon(watch, "stopped", turn.tracker.stopping.wait)
         try:
-            result.append(await turn.run(ignore))
-        except StorageError as exc:  # raised outside the task group, not wrapped in an ExceptionGroup
+            await turn.run(emit)
+        except StorageError as exc:  # kept out of the task group, which would wrap it in a group
             failed.append(exc)
         group.cancel_scope.cancel()
     if failed:
         raise failed[0]
-    return result[0] if result else None
+    return outcome
+
+
+async def ignore(_: str | None) -> None:
+    """The `emit` of a turn answered as a whole."""

@@ -6,6 +6,7 @@ Run it with `python main.py` (or `uvicorn main:app`). See README.md for the sett
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -14,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -502,6 +504,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store: Store = app.state.store
     if not logging.getLogger().handlers:  # started as `uvicorn main:app`
         configure_logging(settings.log_level)
+    app.state.loop = asyncio.get_running_loop()
     store.open()
     log.info("conversations are kept in %s", store.conversations.resolve())
     for provider in app.state.providers.values():
@@ -510,10 +513,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        in_flight: set[asyncio.Future[None]] = app.state.in_flight
-        if in_flight:
-            log.info("saving %d interrupted replies", len(in_flight))
-            await asyncio.wait(in_flight, timeout=max(settings.shutdown_timeout, 5.0))
+        tracker: chat.TurnTracker = app.state.turns
+        tracker.stop()
+        if running := await tracker.wait_saved(max(settings.shutdown_timeout, 5.0)):
+            log.info("saved %d interrupted replies as incomplete", running)
         await providers.close_all(app.state.providers)
 
 
@@ -531,7 +534,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = Store(settings.data_dir)
     app.state.providers = build_providers(settings)
     app.state.default_model = default_model(settings, app.state.providers)
-    app.state.in_flight = set()
+    app.state.turns = chat.TurnTracker()
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -609,7 +612,7 @@ def add_routes(app: FastAPI) -> None:
         turn = await chat.begin_turn(
             store,
             table,
-            request.app.state.in_flight,
+            request.app.state.turns,
             conversation_id=body.conversation_id,
             text=body.message,
             options=chat.TurnOptions(body.model, body.system, body.temperature, body.max_tokens),
@@ -617,9 +620,13 @@ def add_routes(app: FastAPI) -> None:
         )
         if body.stream:
             return chat.EventStream(turn)
-        reply = await chat.run_to_completion(turn, request.receive)
-        if reply is None:
+        outcome = await chat.run_watched(turn, request.receive, chat.ignore)
+        reply = turn.final
+        if outcome == "gone":
             return Response(status_code=499)  # the client is gone; nobody reads this
+        if outcome == "stopped":
+            detail = chat.SHUTDOWN["message"]
+            return error(503, detail, "server_shutdown", conversation_id=turn.conversation_id, message=reply)
         if turn.error is not None:
             exc = turn.error
             headers = {"Retry-After": exc.retry_after} if exc.retry_after is not None else None
@@ -749,14 +756,26 @@ def main() -> None:
     configure_logging(settings.log_level)
     import uvicorn
 
-    uvicorn.run(
-        create_app(settings),
+    class Server(uvicorn.Server):
+        """uvicorn, and on Ctrl-C or SIGTERM every open chat turn ends at once, saved as incomplete."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            loop: asyncio.AbstractEventLoop | None = getattr(service.state, "loop", None)
+            if loop is not None:  # a signal handler may only hand work to the loop
+                loop.call_soon_threadsafe(service.state.turns.stop)
+            super().handle_exit(sig, frame)
+
+    service = create_app(settings)
+    config = uvicorn.Config(
+        service,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         log_config=None,
     )
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down
+        Server(config).run()
 
 
 app = create_app() if __name__ != "__main__" else None

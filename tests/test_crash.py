@@ -108,3 +108,4 @@ def test_a_crash_at_every_file_system_call_leaves_old_or_new(tmp_path: Path) -> 
         assert storage.current_branch(asyncio.run(store.get(conversation_id)))[-1]["content"] == "fine"
 
     assert all(outcomes.values()), outcomes  # the sweep reached every stage of the write
+    print(f"\ncrash sweep: {total_calls} crash points, outcomes {outcomes}")

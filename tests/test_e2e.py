@@ -195,8 +195,9 @@ def test_client_disconnect_during_a_non_streaming_turn_closes_upstream(
     assert conversation["messages"][-1]["status"] == "incomplete"
 
 
-def test_sigterm_during_live_streams_saves_them_as_incomplete(
-    service: Service, upstream: FakeUpstream, tmp_path: Path
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_during_live_streams_ends_them_at_once_saved_as_incomplete(
+    service: Service, upstream: FakeUpstream, tmp_path: Path, sig: int
 ) -> None:
     upstream.script(*(Reply(text="tick " * 1000, chunk_delay=0.01) for _ in range(3)))
     responses = []
@@ -212,15 +213,21 @@ def test_sigterm_during_live_streams_saves_them_as_incomplete(
         starts.append(json.loads(next(line for line in lines if line.startswith("data: "))[6:]))
         next(line for line in lines if line == "event: delta")
     try:
-        took = service.stop(signal.SIGTERM)
+        took = service.stop(sig)
+        endings = [parse_events("\n".join(lines) + "\n\n")[-1] for lines in readers]
     finally:
         for response in responses:
             with contextlib.suppress(httpx2.HTTPError):
                 response.__exit__(None, None, None)
-    assert took < 10
-    for start in starts:
+    assert took < 2.0, "streams should end at once, not wait for the graceful-shutdown timeout"
+    for (name, data), start in zip(endings, starts, strict=True):
+        assert name == "error"
+        assert data["error"]["type"] == "server_shutdown"
+        assert data["message"]["status"] == "incomplete"
         reply = wait_for_reply(tmp_path / "data", start["conversation_id"], start["message_id"], "incomplete")
+        assert reply["content"] == data["message"]["content"]
         assert reply["content"].startswith("tick")
+    assert "Traceback" not in service.log.read_text()
 
 
 def wait_for_reply(data_dir: Path, conversation_id: str, message_id: str, status: str) -> Any:
