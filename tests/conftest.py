@@ -99,6 +99,19 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
 
 
+def fail_writes_containing(monkeypatch: pytest.MonkeyPatch, needle: bytes, code: int) -> None:
+    """Make os.write raise OSError(code) for data containing `needle`: a disk fault at the os boundary
+    (everything runs as root here, so permissions and full disks cannot be staged)."""
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if needle in bytes(data):
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
 def parse_events(body: str) -> list[tuple[str, Any]]:
     """The (event, data) pairs of a text/event-stream body; comments (keep-alives) are skipped."""
     import json

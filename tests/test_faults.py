@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import stream_chat
+from tests.conftest import fail_writes_containing, stream_chat
 from tests.fake_upstream import FakeUpstream, Reply
 
 MODELS = ["openai/fake-gpt-1", "anthropic/claude-fake-1"]
@@ -117,14 +117,7 @@ def test_a_disk_error_fails_the_request_cleanly_and_keeps_the_old_file(
     bystander = client.post("/api/chat", json={"message": "other"}).json()["conversation_id"]
     path = data_dir / "conversations" / f"{victim}.json"
     before = path.read_bytes()
-    real_write = os.write
-
-    def failing_write(fd: int, data: Any) -> int:
-        if b'"doomed"' in bytes(data):
-            raise OSError(code, os.strerror(code))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", failing_write)
+    fail_writes_containing(monkeypatch, b'"doomed"', code)
     response = client.post("/api/chat", json={"message": "doomed", "conversation_id": victim})
     assert response.status_code == status
     assert response.json()["type"] == kind
@@ -140,14 +133,7 @@ def test_a_failed_reply_save_is_a_507_without_streaming(
     client: TestClient, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upstream.script(Reply(text="unsaveable answer"))
-    real_write = os.write
-
-    def failing_write(fd: int, data: Any) -> int:
-        if b"unsaveable answer" in bytes(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", failing_write)
+    fail_writes_containing(monkeypatch, b"unsaveable answer", errno.ENOSPC)
     response = client.post("/api/chat", json={"message": "go"})
     assert response.status_code == 507
     assert response.json()["type"] == "storage_full"
@@ -157,14 +143,7 @@ def test_a_failed_reply_save_is_an_error_event(
     client: TestClient, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upstream.script(Reply(text="unsaveable answer"))
-    real_write = os.write
-
-    def failing_write(fd: int, data: Any) -> int:
-        if b"unsaveable answer" in bytes(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", failing_write)
+    fail_writes_containing(monkeypatch, b"unsaveable answer", errno.ENOSPC)
     events = stream_chat(client, message="go")
     assert events[-1][0] == "error"
     assert events[-1][1]["error"]["type"] == "storage_full"

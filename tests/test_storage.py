@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,6 +23,7 @@ from storage import (
     StorageFull,
     Store,
 )
+from tests.conftest import fail_writes_containing
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS: storage.Params = {"temperature": None, "max_tokens": None}
@@ -115,14 +115,7 @@ def test_disk_errors_fail_the_write_and_keep_the_old_file(
     store = opened(data_dir)
     conversation_id = asyncio.run(turn(store, new(), "first", "one"))
     before = (store.conversations / f"{conversation_id}.json").read_bytes()
-    real_write = os.write
-
-    def failing_write(fd: int, data: Any) -> int:
-        if fd != 1 and fd != 2 and b'"second"' in bytes(data):
-            raise OSError(code, os.strerror(code))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", failing_write)
+    fail_writes_containing(monkeypatch, b'"second"', code)
     with pytest.raises(expected) as raised:
         asyncio.run(turn(store, conversation_id, "second", "two"))
     assert os.strerror(code) in raised.value.detail
