@@ -229,7 +229,7 @@ def error(
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 429, 500, 502, 504, 507)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 429, 500, 502, 503, 504, 507)
 }
 
 
@@ -372,6 +372,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store: Store = app.state.store
     if not logging.getLogger().handlers:  # started as `uvicorn main:app`
         configure_logging(settings.log_level)
+    if problem := exposure_problem(settings):  # `uvicorn main:app` skips main()
+        log.error(problem)
+        raise SystemExit(problem)
     app.state.loop = asyncio.get_running_loop()
     store.open()
     log.info("conversations are kept in %s", store.conversations.resolve())
@@ -544,7 +547,7 @@ def add_routes(app: FastAPI) -> None:
         changes = body.model_dump(exclude_unset=True)
         if body.model is not None:
             providers.resolve(table, body.model)
-        for name in ("title", "model"):
+        for name in ("title", "model", "params"):  # null means "leave as is"; only `system` can be cleared
             if name in changes and changes[name] is None:
                 changes.pop(name)
         if body.params is not None:
@@ -613,14 +616,21 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def exposure_problem(settings: Settings) -> str | None:
+    """Why these settings would let strangers read the chats, if they would."""
+    if settings.loopback or settings.api_token is not None or settings.allow_remote:
+        return None
+    return (
+        f"Refusing to listen on {settings.host} without a token: anyone on the network could read "
+        f"your conversations. Set CHAT_API_TOKEN (16+ characters), or CHAT_ALLOW_REMOTE=true if "
+        f"something else guards the port."
+    )
+
+
 def main() -> None:
     settings = load_settings()
-    if not settings.loopback and settings.api_token is None and not settings.allow_remote:
-        raise SystemExit(
-            f"Refusing to listen on {settings.host} without a token: anyone on the network could read "
-            f"your conversations. Set CHAT_API_TOKEN (16+ characters), or CHAT_ALLOW_REMOTE=true if "
-            f"something else guards the port."
-        )
+    if problem := exposure_problem(settings):
+        raise SystemExit(problem)
     configure_logging(settings.log_level)
     import uvicorn
 

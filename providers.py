@@ -233,31 +233,31 @@ class Provider:
     # streaming
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[str | Finish]:
-        """Text deltas, then one Finish. Raises ProviderError, never an SDK exception."""
+        """Text deltas, then one Finish. Raises ProviderError, never an SDK exception.
+
+        A connection failure or a 5xx is tried once more, but only while nothing has been yielded:
+        a retry never repeats text the client has already seen.
+        """
         if not self.configured:
             raise ProviderNotConfigured(f"{self.name} is not configured: set {self.key_env_var}")
-        async with contextlib.AsyncExitStack() as stack:
-            response = await self._open_with_retry(stack, request)
-            try:
-                async for item in self.parse(sse_events(response.http_response.aiter_bytes())):
-                    yield item
-            except ProviderError:
-                raise
-            except Exception as exc:
-                raise self.translate(exc, request.model) from exc
-
-    async def _open_with_retry(self, stack: contextlib.AsyncExitStack, request: ChatRequest) -> Any:
         client = await self.client()
         for attempt in (1, 2):
+            yielded = False
             try:
-                return await stack.enter_async_context(self.open_stream(client, request))
+                async with self.open_stream(client, request) as response:
+                    async for item in self.parse(sse_events(response.http_response.aiter_bytes())):
+                        yielded = True
+                        yield item
+                return
+            except ProviderError as exc:
+                error = exc
             except Exception as exc:
                 error = self.translate(exc, request.model)
-                if attempt == 2 or not error.retryable:
-                    raise error from exc
-                log.info("%s: %s; retrying once", self.name, error.detail)
-                await asyncio.sleep(RETRY_DELAY)
-        raise AssertionError("unreachable")
+                error.__cause__ = exc
+            if yielded or attempt == 2 or not error.retryable:
+                raise error
+            log.info("%s: %s; retrying once", self.name, error.detail)
+            await asyncio.sleep(RETRY_DELAY)
 
     def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
         raise NotImplementedError
@@ -295,6 +295,8 @@ class Provider:
             body = getattr(exc, "body", None)
             code = getattr(exc, "error_code", None) or getattr(exc, "code", None)
             return self.from_status(status, self.redact(upstream_message(body)), model, headers, code)
+        if name == "APITimeoutError" and type(exc.__cause__).__name__ == "ConnectTimeout":
+            name = "ConnectTimeout"  # the SDK wraps connect and read timeouts alike
         if name in ("APIConnectionError", "ConnectError", "ConnectTimeout"):
             return ProviderUnavailable(
                 f"could not connect to {self.name} at {self.base_url}: is it running?", retryable=True
@@ -308,7 +310,7 @@ class Provider:
             return ProviderMalformed(f"{self.name} sent a reply that could not be read ({name})")
         if "Error" in name and type(exc).__module__.startswith("httpx"):
             return ProviderUnavailable(
-                f"the connection to {self.name} broke off mid-reply ({name}); try again"
+                f"the connection to {self.name} broke off mid-reply ({name}); try again", retryable=True
             )
         return self.from_stream_error(exc)
 
@@ -322,7 +324,8 @@ class Provider:
             where = f"check {self.key_env_var}" if self.key_env_var else "check the server's key"
             return ProviderAuthFailed(f"{self.name} refused this service's API key ({status}); {where}")
         if status == 404:
-            return ModelNotFound(f"{self.name} has no model {model!r}; see GET /api/models{said}")
+            which = repr(model) if model else "by that name"
+            return ModelNotFound(f"{self.name} has no model {which}; see GET /api/models{said}")
         if status == 429:
             if isinstance(code, str) and "spend_limit" in code:
                 return ProviderSpendLimit(

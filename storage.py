@@ -280,11 +280,11 @@ def encode(conversation: Conversation) -> bytes:
 # --- durable writes -----------------------------------------------------------------------------
 
 
-def _os_error(exc: OSError, what: str) -> StorageError:
+def _os_error(exc: OSError, what: str, doing: str = "save") -> StorageError:
     reason = exc.strerror or type(exc).__name__
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFull(f"could not save {what}: {reason}; free some disk space and retry")
-    return StorageError(f"could not save {what}: {reason}; check the data directory and retry")
+        return StorageFull(f"could not {doing} {what}: {reason}; free some disk space and retry")
+    return StorageError(f"could not {doing} {what}: {reason}; check the data directory and retry")
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -593,6 +593,8 @@ class Store:
             raise ConversationNotFound(
                 f"no conversation {conversation_id}: list them with GET /api/conversations"
             ) from None
+        except OSError as exc:
+            raise _os_error(exc, f"conversation {conversation_id}", "read") from exc
         return parse_conversation(data, conversation_id)
 
     def _write_new(self, conversation: Conversation) -> Conversation:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import stream_chat
@@ -285,6 +288,36 @@ def test_patch_merges_params_and_an_empty_patch_writes_nothing(client: TestClien
     assert unchanged.status_code == 200
     assert unchanged.json() == patched.json()
     assert path.read_bytes() == before
+
+
+def test_patch_with_nulls_leaves_fields_as_they_are(client: TestClient) -> None:
+    conversation = client.post("/api/conversations", json={"title": "Kept", "system": "Be nice."}).json()
+    patched = client.patch(
+        f"/api/conversations/{conversation['id']}",
+        json={"title": None, "model": None, "params": None, "system": None},
+    )
+    assert patched.status_code == 200
+    assert patched.json()["title"] == "Kept"
+    assert patched.json()["model"] == conversation["model"]
+    assert patched.json()["params"] == conversation["params"]
+    assert patched.json()["system"] is None  # the one field null clears
+
+
+def test_an_unreadable_file_is_a_clear_storage_error(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conversation_id = chat(client, message="hi")["conversation_id"]
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    response = client.get(f"/api/conversations/{conversation_id}")
+    assert response.status_code == 500
+    assert response.json()["type"] == "storage_error"
+    assert response.json()["detail"].startswith(
+        f"could not read conversation {conversation_id}: Permission denied"
+    )
 
 
 def test_unknown_ids_leave_no_files_behind(client: TestClient, data_dir: Path) -> None:

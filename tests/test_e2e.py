@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ def service(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Service]:
     if running.process.poll() is None:
         running.process.kill()
         running.process.wait()
+    assert_no_secret_in(running.log)
+
+
+def assert_no_secret_in(log: Path) -> None:
+    text = log.read_text()
+    for secret in (OPENAI_KEY, ANTHROPIC_KEY):
+        assert secret not in text, "a key reached the service's log"
 
 
 def stream_events(url: str, body: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -129,7 +137,7 @@ def test_chat_stream_restart_and_find_it_intact(upstream: FakeUpstream, tmp_path
         if first.process.poll() is None:
             first.process.kill()
 
-    second = start_service(upstream, data_dir, log)
+    second = start_service(upstream, data_dir, log, CHAT_LOG_LEVEL="debug")
     try:
         after = httpx2.get(f"{second.url}/api/conversations/{conversation_id}").json()
         assert after == before
@@ -145,6 +153,7 @@ def test_chat_stream_restart_and_find_it_intact(upstream: FakeUpstream, tmp_path
         assert len(more.json()["message"]["content"]) > 0
     finally:
         second.stop()
+    assert_no_secret_in(log)
 
 
 def test_client_disconnect_mid_stream_closes_upstream_and_keeps_the_partial_reply(
@@ -228,6 +237,29 @@ def test_shutdown_during_live_streams_ends_them_at_once_saved_as_incomplete(
         assert reply["content"] == data["message"]["content"]
         assert reply["content"].startswith("tick")
     assert "Traceback" not in service.log.read_text()
+
+
+def test_shutdown_answers_a_waiting_non_streaming_turn_with_503(
+    service: Service, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    upstream.script(Reply(mode="stall_headers"))
+    answers: list[httpx2.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(
+            httpx2.post(f"{service.url}/api/chat", json={"message": "wait"}, timeout=30)
+        )
+    )
+    waiting.start()
+    deadline = time.monotonic() + 20
+    while not upstream.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    service.stop(signal.SIGTERM)
+    waiting.join(timeout=10)
+    assert answers[0].status_code == 503
+    body = answers[0].json()
+    assert body["type"] == "server_shutdown"
+    saved = read_conversation(tmp_path / "data", body["conversation_id"])["messages"][-1]
+    assert saved["status"] == "incomplete"
 
 
 def wait_for_reply(data_dir: Path, conversation_id: str, message_id: str, status: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from email.utils import formatdate
@@ -205,6 +206,43 @@ def test_upstream_5xx_is_retried_once(kind: str, upstream: FakeUpstream) -> None
     text, _ = run(collect(make(kind, upstream), request()))
     assert text == "second time lucky"
     assert len(upstream.requests) == 2
+
+
+@BOTH
+def test_a_drop_before_the_first_token_is_retried_once(kind: str, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(mode="drop_before_first"), Reply(text="after the drop"))
+    text, _ = run(collect(make(kind, upstream), request()))
+    assert text == "after the drop"
+    assert len(upstream.requests) == 2
+
+
+@BOTH
+def test_a_drop_after_text_is_not_retried(kind: str, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(mode="drop_mid", text="a b c d e f"), Reply(text="would repeat text"))
+    with pytest.raises(ProviderUnavailable):
+        run(collect(make(kind, upstream), request()))
+    assert len(upstream.requests) == 1
+
+
+def test_a_connect_timeout_says_it_could_not_connect() -> None:
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = [socket.socket() for _ in range(8)]
+        for sock in fillers:  # fill the accept queue: later connects get no answer at all
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        provider = OpenAICompatible(
+            "slow", f"http://127.0.0.1:{port}/v1", timeouts=Timeouts(connect=0.3, idle=0.3)
+        )
+        try:
+            with pytest.raises(ProviderError) as raised:
+                run(collect(provider, request()))
+        finally:
+            for sock in fillers:
+                sock.close()
+    assert "could not connect to slow" in raised.value.detail
 
 
 @BOTH

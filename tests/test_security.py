@@ -216,6 +216,20 @@ def test_refuses_a_network_address_without_a_token(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_uvicorn_main_app_also_refuses_to_start_exposed_without_a_token(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "CHAT_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "main:app", "--port", "1", "--app-dir", str(ROOT)],
+        env={**clean, "CHAT_HOST": "0.0.0.0", "CHAT_DATA_DIR": str(tmp_path / "data")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Refusing to listen on 0.0.0.0 without a token" in result.stderr
+
+
 def test_bad_settings_stop_start_up_with_a_clear_message(tmp_path: Path) -> None:
     result = run_main({"CHAT_PORT": "eighty", "CHAT_STREAM_IDLE_TIMEOUT": "-1"}, tmp_path)
     assert result.returncode != 0
