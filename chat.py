@@ -137,8 +137,12 @@ class Turn:
 
     async def _pump(self, queue: asyncio.Queue[str | Finish | ProviderError]) -> None:
         try:
+            first = True
             async for item in self.provider.stream(self.request):
                 queue.put_nowait(item)
+                if first:  # relay the first delta now, not after the rest of this read is parsed
+                    first = False
+                    await asyncio.sleep(0)
         except ProviderError as exc:
             queue.put_nowait(exc)
         except Exception:
@@ -237,7 +241,7 @@ async def begin_turn(
     provider, request = chosen[-1]
     return Turn(
         store=store,
-        conversation_id=record.conversation["id"],
+        conversation_id=record.conversation_id,
         user_message=record.user_message,
         reply=record.reply,
         provider=provider,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import ipaddress
 import logging
@@ -346,17 +347,18 @@ def same_origin(origin: str, host: str) -> bool:
 # --- the app ------------------------------------------------------------------------------------
 
 
-def get_settings(request: Request) -> Settings:
+# async: FastAPI runs plain `def` dependencies in the thread pool, a thread hop each per request
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_table(request: Request) -> ProviderTable:
+async def get_table(request: Request) -> ProviderTable:
     table: ProviderTable = request.app.state.providers
     return table
 
@@ -377,13 +379,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise SystemExit(problem)
     app.state.loop = asyncio.get_running_loop()
     store.open()
+    warming = asyncio.create_task(store.warm_index())  # the first listing need not wait for the scan
     log.info("conversations are kept in %s", store.conversations.resolve())
     for provider in app.state.providers.values():
         log.info("provider %-10s %s", provider.name, provider.hint)
     log.info("default model: %s", app.state.default_model)
+    gc.collect()
+    gc.freeze()  # what start-up built lives as long as the process: keep it out of full collections
     try:
         yield
     finally:
+        warming.cancel()
         tracker: chat.TurnTracker = app.state.turns
         tracker.stop()
         if running := await tracker.wait_saved(max(settings.shutdown_timeout, 5.0)):
@@ -461,7 +467,7 @@ def add_routes(app: FastAPI) -> None:
                 "version": __version__,
                 "data_dir_writable": writable,
                 "providers": {name: p.configured for name, p in table.items()},
-                "unreadable_conversations": sorted(await store.unreadable()),
+                "unreadable_conversations": sorted(store.unreadable()),
             }
         )
 

@@ -155,6 +155,14 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes,
                 yield event, b"\n".join(data)
 
 
+async def drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows the final event, so the connection goes back to the pool for the next turn."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            async for _ in chunks:
+                pass
+
+
 # --- helpers shared by both wire formats --------------------------------------------------------
 
 
@@ -245,7 +253,10 @@ class Provider:
             yielded = False
             try:
                 async with self.open_stream(client, request) as response:
-                    async for item in self.parse(sse_events(response.http_response.aiter_bytes())):
+                    chunks = response.http_response.aiter_bytes()
+                    async for item in self.parse(sse_events(chunks)):
+                        if isinstance(item, Finish):
+                            await drain(chunks)
                         yielded = True
                         yield item
                 return

@@ -23,8 +23,10 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -420,11 +422,49 @@ T = TypeVar("T")
 
 @dataclass
 class TurnRecord:
-    """What `append_turn` saved: the conversation as written and the two new messages."""
+    """What `append_turn` saved: the conversation's id and the two new messages."""
 
-    conversation: Conversation
+    conversation_id: str
     user_message: Message
     reply: Message
+
+
+Signature = tuple[int, int, int]
+
+
+def file_signature(stat: os.stat_result) -> Signature:
+    """Changes whenever the file is replaced: a new inode, and usually a new size and mtime too."""
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+class RecentConversations:
+    """The last few conversations this process wrote, each with the signature of its file.
+
+    Used only under the conversation's locks, to change it again without reading it back;
+    `get` never uses it, so nobody sees an object while it is being changed.
+    """
+
+    SIZE = 16
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, tuple[Signature, Conversation]] = OrderedDict()
+        self._lock = threading.Lock()  # different conversations change in different threads
+
+    def get(self, conversation_id: str, signature: Signature) -> Conversation | None:
+        with self._lock:
+            item = self._items.get(conversation_id)
+        return item[1] if item is not None and item[0] == signature else None
+
+    def keep(self, conversation_id: str, signature: Signature, conversation: Conversation) -> None:
+        with self._lock:
+            self._items[conversation_id] = (signature, conversation)
+            self._items.move_to_end(conversation_id)
+            while len(self._items) > self.SIZE:
+                self._items.popitem(last=False)
+
+    def forget(self, conversation_id: str) -> None:
+        with self._lock:
+            self._items.pop(conversation_id, None)
 
 
 class Store:
@@ -437,6 +477,7 @@ class Store:
         self._task_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._index = ListingIndex(self.conversations, self.journal)
         self._index_lock = asyncio.Lock()
+        self._recent = RecentConversations()
 
     # set-up and health
 
@@ -474,7 +515,8 @@ class Store:
             conversation.update(changes)  # type: ignore[typeddict-item]
             conversation["params"] = params  # type: ignore[typeddict-item]
 
-        return await self._modify(conversation_id, change)
+        await self._modify(conversation_id, change)
+        return await self.get(conversation_id)  # a copy of its own: the one written stays cached
 
     async def delete(self, conversation_id: str) -> None:
         await self._locked(conversation_id, lambda: self._unlink(conversation_id))
@@ -485,10 +527,14 @@ class Store:
             await anyio.to_thread.run_sync(self._index.refresh)
             return self._index.page(limit, before)
 
-    async def unreadable(self) -> dict[str, str]:
+    async def warm_index(self) -> None:
+        """Build the listing index (a scan of every file) ahead of the first listing."""
         async with self._index_lock:
             await anyio.to_thread.run_sync(self._index.refresh)
-            return dict(self._index.unreadable)
+
+    def unreadable(self) -> dict[str, str]:
+        """Files the last scan could not read (as of the last listing; no disk access)."""
+        return dict(self._index.unreadable)
 
     # messages
 
@@ -529,7 +575,7 @@ class Store:
             written = await self._locked(
                 conversation["id"], lambda: self._apply_and_write(conversation, change), creating=True
             )
-        return TurnRecord(written, saved[0], saved[1])
+        return TurnRecord(written["id"], saved[0], saved[1])
 
     async def finish_reply(self, conversation_id: str, reply: Message) -> None:
         """Replace the placeholder saved by `append_turn` with the final reply."""
@@ -572,16 +618,32 @@ class Store:
 
     async def _modify(self, conversation_id: str, change: Callable[[Conversation], None]) -> Conversation:
         return await self._locked(
-            conversation_id, lambda: self._apply_and_write(self._read(conversation_id), change)
+            conversation_id, lambda: self._apply_and_write(self._read_to_change(conversation_id), change)
         )
 
     def _apply_and_write(
         self, conversation: Conversation, change: Callable[[Conversation], None]
     ) -> Conversation:
-        change(conversation)
-        conversation["updated_at"] = now()
-        self._write(conversation)
+        """Change, stamp and write; the result is kept to spare the next change a read and a parse."""
+        conversation_id = conversation["id"]
+        try:
+            change(conversation)
+            conversation["updated_at"] = now()
+            signature = self._write(conversation)
+        except BaseException:
+            self._recent.forget(conversation_id)  # the object may be half changed
+            raise
+        self._recent.keep(conversation_id, signature, conversation)
         return conversation
+
+    def _read_to_change(self, conversation_id: str) -> Conversation:
+        """The conversation as this process last wrote it, if the file is still that one."""
+        try:
+            stat = os.stat(self._path(conversation_id))
+        except FileNotFoundError:
+            raise ConversationNotFound(f"no conversation {conversation_id}") from None
+        cached = self._recent.get(conversation_id, file_signature(stat))
+        return cached if cached is not None else self._read(conversation_id)
 
     def _path(self, conversation_id: str) -> Path:
         return self.conversations / f"{conversation_id}.json"
@@ -601,11 +663,14 @@ class Store:
         self._write(conversation)
         return conversation
 
-    def _write(self, conversation: Conversation) -> None:
-        write_durably(self._path(conversation["id"]), encode(conversation))
+    def _write(self, conversation: Conversation) -> Signature:
+        path = self._path(conversation["id"])
+        write_durably(path, encode(conversation))
         self._journal(orjson.dumps(summarize(conversation)))
+        return file_signature(os.stat(path))
 
     def _unlink(self, conversation_id: str) -> None:
+        self._recent.forget(conversation_id)
         try:
             os.unlink(self._path(conversation_id))
         except FileNotFoundError:

@@ -111,6 +111,8 @@ class RecordedRequest:
     body: Any
     started_at: float
     closed_at: float | None = None
+    connection: int = 0
+    """Which client connection carried it (1, 2, ... in order of arrival): shows connection reuse."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,9 +406,11 @@ class _Plan:
 class _Conn:
     """One client connection with our own read buffer (so a watcher can read while we write)."""
 
-    __slots__ = ("buf", "current", "eof", "reader", "writer")
+    __slots__ = ("buf", "current", "eof", "number", "reader", "writer")
+    _numbers = itertools.count(1)
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.number = next(self._numbers)
         self.reader = reader
         self.writer = writer
         self.buf = bytearray()
@@ -698,7 +702,7 @@ class FakeUpstream:
         if version == "HTTP/1.0" and "keep-alive" in conn_header:
             keep_alive = True
 
-        rec = RecordedRequest(method, target.split("?", 1)[0], headers, body, started)
+        rec = RecordedRequest(method, target.split("?", 1)[0], headers, body, started, connection=conn.number)
         self._record(rec)
         conn.current = rec
         try:

@@ -157,6 +157,22 @@ def test_alternating_history() -> None:
     ]
 
 
+@BOTH
+def test_turns_reuse_one_upstream_connection(kind: str, upstream: FakeUpstream) -> None:
+    provider = make(kind, upstream)
+
+    async def three() -> None:
+        try:
+            for _ in range(3):
+                async for _ in provider.stream(request()):
+                    pass
+        finally:
+            await provider.aclose()
+
+    run(three())
+    assert len({r.connection for r in upstream.requests}) == 1
+
+
 def test_the_client_is_built_once_and_reused(upstream: FakeUpstream) -> None:
     provider = openai_provider(upstream)
 

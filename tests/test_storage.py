@@ -50,9 +50,9 @@ def placeholder(conversation: storage.Conversation) -> Message:
 async def turn(store: Store, conversation: str | storage.Conversation, text: str, answer: str) -> str:
     record = await store.append_turn(conversation, text, placeholder)
     await store.finish_reply(
-        record.conversation["id"], {**record.reply, "content": answer, "status": "complete"}
+        record.conversation_id, {**record.reply, "content": answer, "status": "complete"}
     )
-    return record.conversation["id"]
+    return record.conversation_id
 
 
 def new(model: str = "openai/x") -> storage.Conversation:
@@ -259,7 +259,7 @@ def test_a_corrupt_file_is_reported_skipped_and_left_untouched(data_dir: Path) -
     fresh = opened(data_dir)
     items, _ = asyncio.run(fresh.list_conversations(10, None))
     assert [s["id"] for s in items] == [good]
-    assert broken_id in asyncio.run(fresh.unreadable())
+    assert broken_id in fresh.unreadable()
     with pytest.raises(ConversationUnreadable, match="not valid JSON"):
         asyncio.run(fresh.get(broken_id))
     with pytest.raises(ConversationUnreadable):
