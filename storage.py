@@ -148,7 +148,8 @@ def new_id() -> str:
 
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC with microseconds, e.g. 2026-11-24T05:31:52.126057Z (sorts as text)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def is_valid_id(value: str) -> bool:
@@ -478,6 +479,8 @@ class Store:
         self._index = ListingIndex(self.conversations, self.journal)
         self._index_lock = asyncio.Lock()
         self._recent = RecentConversations()
+        self._file_locks: dict[str, FileLock] = {}
+        self._limiter: anyio.CapacityLimiter | None = None
 
     # set-up and health
 
@@ -603,18 +606,40 @@ class Store:
         if lock is None:
             lock = self._task_locks[conversation_id] = asyncio.Lock()
         async with lock:
-            return await anyio.to_thread.run_sync(self._with_file_lock, conversation_id, work, creating)
+            return await anyio.to_thread.run_sync(
+                self._with_file_lock, conversation_id, work, creating, limiter=self.limiter()
+            )
+
+    def limiter(self) -> anyio.CapacityLimiter:
+        """Storage's own worker threads: a burst of fsyncs never queues the rest of the app's thread work."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(16)
+        return self._limiter
 
     def _with_file_lock(self, conversation_id: str, work: Callable[[], T], creating: bool) -> T:
         if not creating and not self._path(conversation_id).exists():
             self._read(conversation_id)  # raises ConversationNotFound, before a lock file is made for it
-        lock_path = self.conversations / f"{conversation_id}.json.lock"
         try:
-            file_lock = FileLock(lock_path, mode=0o600, preserve_lock_file=True, fallback_to_soft=False)
-            with file_lock:
+            with self._file_lock(conversation_id):
                 return work()
         except OSError as exc:
             raise _os_error(exc, f"conversation {conversation_id}") from exc
+
+    def _file_lock(self, conversation_id: str) -> FileLock:
+        """One lock object per conversation, reused (building one costs more than using it).
+
+        Not thread-local: the asyncio lock lets one task at a time use it, from any worker thread.
+        """
+        lock = self._file_locks.get(conversation_id)
+        if lock is None:
+            if len(self._file_locks) >= 1024:
+                self._file_locks.clear()
+            path = self.conversations / f"{conversation_id}.json.lock"
+            lock = FileLock(
+                path, mode=0o600, thread_local=False, preserve_lock_file=True, fallback_to_soft=False
+            )
+            self._file_locks[conversation_id] = lock
+        return lock
 
     async def _modify(self, conversation_id: str, change: Callable[[Conversation], None]) -> Conversation:
         return await self._locked(
