@@ -480,6 +480,7 @@ class Store:
         self._index_lock = asyncio.Lock()
         self._recent = RecentConversations()
         self._file_locks: dict[str, FileLock] = {}
+        self._writable: tuple[float, bool] = (-2.0, False)
         self._limiter: anyio.CapacityLimiter | None = None
 
     # set-up and health
@@ -495,7 +496,12 @@ class Store:
                 os.unlink(entry.path)
 
     async def writable(self) -> bool:
-        return await anyio.to_thread.run_sync(os.access, self.conversations, os.W_OK)
+        """Can conversations be written? Checked at most once a second (health is polled often)."""
+        checked_at, answer = self._writable
+        if time.monotonic() - checked_at > 1.0:
+            answer = await anyio.to_thread.run_sync(os.access, self.conversations, os.W_OK)
+            self._writable = (time.monotonic(), answer)
+        return answer
 
     # conversations
 
