@@ -1,0 +1,1 @@
+"""Benchmarks of the chat service: `python -m bench.run` (see BENCHMARKS.md)."""
