@@ -183,6 +183,25 @@ def test_client_disconnect_mid_stream_closes_upstream_and_keeps_the_partial_repl
     assert len(reply["content"]) < len("word " * 400)
 
 
+def test_client_disconnect_before_the_first_token_closes_upstream(
+    service: Service, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    upstream.script(Reply(mode="stall_headers"))
+    with httpx2.stream(
+        "POST", f"{service.url}/api/chat", json={"message": "go", "stream": True}, timeout=30
+    ) as response:
+        lines = response.iter_lines()  # kept: a collected line iterator would close the connection
+        start = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        deadline = time.monotonic() + 20
+        while not upstream.requests and time.monotonic() < deadline:  # the provider has been called
+            time.sleep(0.01)
+    gone_at = time.monotonic()
+    closed_at = upstream.wait_closed(0, timeout=10)
+    assert closed_at is not None and closed_at - gone_at < 2.0
+    reply = wait_for_reply(tmp_path / "data", start["conversation_id"], start["message_id"], "incomplete")
+    assert reply["content"] == ""
+
+
 def test_client_disconnect_during_a_non_streaming_turn_closes_upstream(
     service: Service, upstream: FakeUpstream, tmp_path: Path
 ) -> None:

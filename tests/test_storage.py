@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,6 +124,29 @@ def test_disk_errors_fail_the_write_and_keep_the_old_file(
     assert (store.conversations / f"{conversation_id}.json").read_bytes() == before
     assert [p.name for p in store.conversations.iterdir() if p.name.endswith(".tmp")] == []
     asyncio.run(turn(store, conversation_id, "third", "three"))  # the store still works
+
+
+@pytest.mark.parametrize("call", ["fsync", "replace"])
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC, errno.EACCES])
+def test_fsync_and_replace_faults_fail_the_write_and_keep_the_old_file(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, call: str, code: int
+) -> None:
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "first", "one"))
+    path = store.conversations / f"{conversation_id}.json"
+    before = path.read_bytes()
+
+    def failing(*args: Any) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, call, failing)
+    with pytest.raises(StorageError) as raised:
+        asyncio.run(turn(store, conversation_id, "second", "two"))
+    assert os.strerror(code) in raised.value.detail
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # nothing acknowledged that is not on disk
+    assert [p.name for p in store.conversations.iterdir() if p.name.endswith(".tmp")] == []
+    asyncio.run(turn(store, conversation_id, "third", "three"))
 
 
 def test_stale_temp_files_are_removed_at_open(data_dir: Path) -> None:
