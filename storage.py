@@ -492,8 +492,10 @@ class Store:
             os.chmod(directory, 0o700)
         cutoff = time.time() - STALE_TEMP_SECONDS
         for entry in os.scandir(self.conversations):
-            if entry.name.endswith(".tmp") and entry.stat().st_mtime < cutoff:
-                os.unlink(entry.path)
+            # another process's write may rename its temp file away between the scan and the stat
+            with contextlib.suppress(FileNotFoundError):
+                if entry.name.endswith(".tmp") and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
 
     async def writable(self) -> bool:
         """Can conversations be written? Checked at most once a second (health is polled often)."""

@@ -149,6 +149,23 @@ def test_fsync_and_replace_faults_fail_the_write_and_keep_the_old_file(
     asyncio.run(turn(store, conversation_id, "third", "three"))
 
 
+def test_open_survives_a_temp_file_renamed_away_during_the_scan(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = opened(data_dir)
+    vanishing = store.conversations / ".abc.json.1234.tmp"
+    vanishing.write_bytes(b"{")
+    real_scandir = os.scandir
+
+    def scandir_then_rename(path: Any) -> Any:
+        entries = list(real_scandir(path))
+        vanishing.unlink()  # what another process's os.replace does to its temp file
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir_then_rename)
+    store.open()  # no FileNotFoundError: a second server process can start while the first writes
+
+
 def test_stale_temp_files_are_removed_at_open(data_dir: Path) -> None:
     store = opened(data_dir)
     stale = store.conversations / ".abc.json.1234.tmp"
