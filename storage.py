@@ -625,8 +625,15 @@ class Store:
         return self._limiter
 
     def _with_file_lock(self, conversation_id: str, work: Callable[[], T], creating: bool) -> T:
-        if not creating and not self._path(conversation_id).exists():
-            self._read(conversation_id)  # raises ConversationNotFound, before a lock file is made for it
+        if not creating:  # an unknown id must not leave a lock file behind
+            try:
+                os.stat(self._path(conversation_id))
+            except FileNotFoundError:
+                raise ConversationNotFound(
+                    f"no conversation {conversation_id}: list them with GET /api/conversations"
+                ) from None
+            except OSError as exc:
+                raise _os_error(exc, f"conversation {conversation_id}", "read") from exc
         try:
             with self._file_lock(conversation_id):
                 return work()

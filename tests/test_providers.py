@@ -303,6 +303,14 @@ def test_anthropic_overloaded_529_is_unavailable(upstream: FakeUpstream) -> None
     with pytest.raises(ProviderUnavailable) as raised:
         run(collect(anthropic_provider(upstream), request()))
     assert "529" in raised.value.detail
+    assert len(upstream.requests) == 2  # tried once more
+
+
+def test_an_anthropic_error_event_before_any_text_is_retried(upstream: FakeUpstream) -> None:
+    upstream.script(Reply(mode="midstream_error", text="x", chunks=1), Reply(text="recovered"))
+    text, _ = run(collect(anthropic_provider(upstream), request()))
+    assert text == "recovered"
+    assert len(upstream.requests) == 2
 
 
 @BOTH
