@@ -93,16 +93,21 @@ class Turn:
         finally:
             final = self.final = self._final_reply()
             save = asyncio.ensure_future(self.store.finish_reply(self.conversation_id, final))
-            save.add_done_callback(lambda _: self._settle(saved))
+            save.add_done_callback(lambda _: self._settle(saved, save, final))
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([save])
-            self._log(final)
         save.result()  # a failed save raises StorageError here, unless the turn was cancelled
         return final
 
-    def _settle(self, saved: asyncio.Future[None]) -> None:
+    def _settle(self, saved: asyncio.Future[None], save: asyncio.Future[None], final: Message) -> None:
+        """The save is over: release shutdown's wait, and say in the log what became of the reply."""
         self.tracker.unsaved.discard(saved)
         saved.set_result(None)
+        failure = "cancelled" if save.cancelled() else save.exception()
+        if failure is None:
+            self._log(final)
+        else:  # also reached when nobody awaits `save` any more (client gone, shutdown)
+            log.error("the reply in conversation %s was not saved: %s", self.conversation_id, failure)
 
     async def _relay(self, emit: Emit) -> None:
         queue: asyncio.Queue[str | Finish | ProviderError] = asyncio.Queue()
@@ -324,8 +329,9 @@ async def run_watched(turn: Turn, receive: Receive, emit: Emit) -> Literal["done
     async def watch(event: Literal["gone", "stopped"], happened: Callable[[], Awaitable[Any]]) -> None:
         nonlocal outcome
         await happened()
-        outcome = event
-        group.cancel_scope.cancel()
+        if turn.final is None:  # once the reply is final, a late stop or disconnect changes nothing
+            outcome = event
+            group.cancel_scope.cancel()
 
     async with anyio.create_task_group() as group:
         group.start_soon(watch, "gone", disconnected)

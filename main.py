@@ -348,11 +348,6 @@ def same_origin(origin: str, host: str) -> bool:
 
 
 # async: FastAPI runs plain `def` dependencies in the thread pool, a thread hop each per request
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
@@ -363,7 +358,6 @@ async def get_table(request: Request) -> ProviderTable:
     return table
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 TableDep = Annotated[ProviderTable, Depends(get_table)]
 
@@ -393,7 +387,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tracker: chat.TurnTracker = app.state.turns
         tracker.stop()
         if running := await tracker.wait_saved(max(settings.shutdown_timeout, 5.0)):
-            log.info("saved %d interrupted replies as incomplete", running)
+            log.info("waited for %d open turns to save their replies", running)
         await providers.close_all(app.state.providers)
 
 
@@ -428,8 +422,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProviderError)
     async def provider_error(request: Request, exc: ProviderError) -> Response:
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after is not None else None
-        return error(exc.status_code, exc.detail, exc.type, headers)
+        return provider_error_response(exc)
 
     @app.exception_handler(StorageError)
     async def storage_error(request: Request, exc: StorageError) -> Response:
@@ -486,6 +479,10 @@ def add_routes(app: FastAPI) -> None:
     @app.post("/api/chat", response_model=ChatOut, tags=["chat"], responses={200: chat_stream_doc()})
     async def chat_turn(body: ChatIn, request: Request, store: StoreDep, table: TableDep) -> Response:
         """Send a message and get the reply, whole or streamed as server-sent events."""
+        if request.app.state.turns.stopping.is_set():
+            return error(
+                503, "the server is shutting down; send the message again shortly", "server_shutdown"
+            )
         turn = await chat.begin_turn(
             store,
             table,
@@ -505,16 +502,7 @@ def add_routes(app: FastAPI) -> None:
             detail = chat.SHUTDOWN["message"]
             return error(503, detail, "server_shutdown", conversation_id=turn.conversation_id, message=reply)
         if turn.error is not None:
-            exc = turn.error
-            headers = {"Retry-After": exc.retry_after} if exc.retry_after is not None else None
-            return error(
-                exc.status_code,
-                exc.detail,
-                exc.type,
-                headers,
-                conversation_id=turn.conversation_id,
-                message=reply,
-            )
+            return provider_error_response(turn.error, conversation_id=turn.conversation_id, message=reply)
         return JSON({"conversation_id": turn.conversation_id, "message": reply})
 
     @app.post("/api/conversations", status_code=201, response_model=ConversationOut, tags=["conversations"])
@@ -556,8 +544,6 @@ def add_routes(app: FastAPI) -> None:
         for name in ("title", "model", "params"):  # null means "leave as is"; only `system` can be cleared
             if name in changes and changes[name] is None:
                 changes.pop(name)
-        if body.params is not None:
-            changes["params"] = body.params.model_dump(exclude_unset=True)
         if not changes:
             return JSON(conversation_out(await store.get(conversation_id)))
         return JSON(conversation_out(await store.update(conversation_id, changes)))
@@ -567,6 +553,11 @@ def add_routes(app: FastAPI) -> None:
         """Delete a conversation and its file."""
         await store.delete(conversation_id)
         return Response(status_code=204)
+
+
+def provider_error_response(exc: ProviderError, **extra: Any) -> JSON:
+    headers = {"Retry-After": exc.retry_after} if exc.retry_after is not None else None
+    return error(exc.status_code, exc.detail, exc.type, headers, **extra)
 
 
 def params_dict(params: ParamsModel) -> Any:
@@ -640,7 +631,7 @@ def main() -> None:
     configure_logging(settings.log_level)
     import uvicorn
 
-    class Server(uvicorn.Server):
+    class UvicornServer(uvicorn.Server):
         """uvicorn, and on Ctrl-C or SIGTERM every open chat turn ends at once, saved as incomplete."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -659,7 +650,7 @@ def main() -> None:
         log_config=None,
     )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down
-        Server(config).run()
+        UvicornServer(config).run()
 
 
 app = create_app() if __name__ != "__main__" else None

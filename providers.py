@@ -16,6 +16,7 @@ import importlib
 import logging
 import math
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -216,11 +217,20 @@ class Provider:
         return self.key_env_var is None or bool(self.api_key)
 
     @property
+    def where(self) -> str:
+        """The base URL without credentials or query (a URL may carry a key): safe to log and show."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+
+    @property
     def hint(self) -> str:
         """What the user does to make this provider work."""
         if not self.configured:
             return f"set {self.key_env_var} to use {self.name}"
-        return f"{self.name} at {self.base_url}"
+        return f"{self.name} at {self.where}"
 
     async def client(self) -> Any:
         """The SDK client, built once and reused; the SDK is imported off the event loop."""
@@ -310,7 +320,7 @@ class Provider:
             name = "ConnectTimeout"  # the SDK wraps connect and read timeouts alike
         if name in ("APIConnectionError", "ConnectError", "ConnectTimeout"):
             return ProviderUnavailable(
-                f"could not connect to {self.name} at {self.base_url}: is it running?", retryable=True
+                f"could not connect to {self.name} at {self.where}: is it running?", retryable=True
             )
         if "Timeout" in name:
             return ProviderTimeout(

@@ -17,16 +17,6 @@ SystemPrompt = Annotated[str, Field(max_length=200_000)]
 Title = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-def utf8_text(value: str | None) -> str | None:
-    """Refuse lone surrogates: they cannot be written as UTF-8 JSON."""
-    if value is not None:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
-    return value
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,8 +31,6 @@ class ChatIn(Strict):
     temperature: Temperature | None = None
     max_tokens: MaxTokens | None = None
     stream: bool = False
-
-    _text = field_validator("message", "system")(utf8_text)
 
     @field_validator("message")
     @classmethod
@@ -63,16 +51,12 @@ class ConversationIn(Strict):
     system: SystemPrompt | None = None
     params: ParamsModel = ParamsModel()
 
-    _text = field_validator("title", "system")(utf8_text)
-
 
 class ConversationPatch(Strict):
     title: Title | None = None
     model: ModelName | None = None
     system: SystemPrompt | None = None
     params: ParamsModel | None = None
-
-    _text = field_validator("title", "system")(utf8_text)
 
 
 class UsageOut(BaseModel):

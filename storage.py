@@ -263,17 +263,47 @@ def parse_conversation(data: bytes, conversation_id: str) -> Conversation:
             f"conversation {conversation_id} was written by a newer version (schema {version}, "
             f"this service reads up to {SCHEMA_VERSION}); upgrade the service to open it"
         )
-    while version < SCHEMA_VERSION:
-        doc = MIGRATIONS[version](doc)
-        version = doc["schema_version"]
-    required = ("id", "created_at", "updated_at", "model")
-    if doc.get("id") != conversation_id or not all(isinstance(doc.get(k), str) for k in required):
+    try:
+        while version < SCHEMA_VERSION:
+            doc = MIGRATIONS[version](doc)
+            version = doc["schema_version"]
+    except (AttributeError, KeyError, TypeError) as exc:
         raise ConversationUnreadable(
-            f"conversation {conversation_id} is missing required fields ({', '.join(required)}); "
+            f"conversation {conversation_id} could not be upgraded ({type(exc).__name__}: {exc}); "
             f"repair the file or delete it"
+        ) from None
+    problem = shape_problem(doc, conversation_id)
+    if problem is not None:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} {problem}; repair the file or delete it"
         )
     conversation: Conversation = doc
     return conversation
+
+
+def shape_problem(doc: dict[str, Any], conversation_id: str) -> str | None:
+    """What is wrong with a decoded file's shape, if anything (so that nothing downstream trips on it)."""
+    if doc.get("id") != conversation_id:
+        return f"has id {doc.get('id')!r} instead of its file name"
+    for key in ("created_at", "updated_at", "model"):
+        if not isinstance(doc.get(key), str):
+            return f"has no text field {key!r}"
+    for key in ("title", "system", "current_id"):
+        if not isinstance(doc.get(key, 0), str | None):  # missing counts as wrong: 0 is neither
+            return f"has no {key!r} that is text or null"
+    params = doc.get("params")
+    if not isinstance(params, dict) or not {"temperature", "max_tokens"} <= params.keys():
+        return "has no 'params' object with temperature and max_tokens"
+    for position, message in enumerate(doc["messages"]):
+        if not (
+            isinstance(message, dict)
+            and all(isinstance(message.get(k), str) for k in ("id", "content", "created_at"))
+            and message.get("role") in ("user", "assistant")
+            and isinstance(message.get("parent_id", 0), str | None)
+        ):
+            needs = "id, parent_id, role, content and created_at"
+            return f"has a malformed message at position {position} (each needs {needs})"
+    return None
 
 
 def encode(conversation: Conversation) -> bytes:
@@ -363,26 +393,29 @@ class ListingIndex:
 
     def _rescan(self) -> None:
         try:
-            self._offset = os.stat(self.journal).st_size
+            offset = os.stat(self.journal).st_size
         except FileNotFoundError:
-            self._offset = 0
-        self.summaries.clear()
-        self.unreadable.clear()
-        for entry in os.scandir(self.conversations):
-            match = FILE_RE.fullmatch(entry.name)
-            if match is None:
-                continue
-            conversation_id = match.group(1)
-            try:
-                conversation = parse_conversation(Path(entry.path).read_bytes(), conversation_id)
-            except FileNotFoundError:
-                continue
-            except (ConversationUnreadable, OSError) as exc:
-                self.unreadable[conversation_id] = str(exc)
-                log.warning("skipping unreadable conversation file %s: %s", entry.name, exc)
-                continue
-            self.summaries[conversation_id] = summarize(conversation)
-        self._order = sorted((s["updated_at"], s["id"]) for s in self.summaries.values())
+            offset = 0
+        summaries: dict[str, Summary] = {}
+        unreadable: dict[str, str] = {}
+        with os.scandir(self.conversations) as entries:
+            for entry in entries:
+                match = FILE_RE.fullmatch(entry.name)
+                if match is None:
+                    continue
+                conversation_id = match.group(1)
+                try:
+                    summaries[conversation_id] = summarize(
+                        parse_conversation(Path(entry.path).read_bytes(), conversation_id)
+                    )
+                except FileNotFoundError:
+                    continue  # deleted while we scanned
+                except (StorageError, OSError) as exc:
+                    unreadable[conversation_id] = str(exc)
+                    log.warning("skipping unreadable conversation file %s: %s", entry.name, exc)
+        # swapped in only once the scan has succeeded, so a failure leaves the index as it was
+        self.summaries, self.unreadable, self._offset = summaries, unreadable, offset
+        self._order = sorted((s["updated_at"], s["id"]) for s in summaries.values())
         # lines appended while scanning are applied again: harmless, they carry full summaries
         self.refresh()
 

@@ -327,6 +327,14 @@ def test_connection_refused_says_where(upstream: FakeUpstream) -> None:
     assert "could not connect to ollama at http://127.0.0.1:9/v1" in raised.value.detail
 
 
+def test_credentials_in_a_base_url_are_never_shown() -> None:
+    provider = OpenAICompatible("gpu", "https://user:hunter2@gpu.example:8443/v1?api-key=hunter2")
+    assert provider.where == "https://gpu.example:8443/v1"
+    assert "hunter2" not in provider.hint
+    ipv6 = OpenAICompatible("v6", "http://[::1]:11434/v1")
+    assert ipv6.where == "http://[::1]:11434/v1"
+
+
 def test_upstream_message_echoing_the_key_is_redacted(upstream: FakeUpstream) -> None:
     upstream.script(Reply(status=400, error_message=f"Incorrect API key provided: {OPENAI_KEY}"))
     with pytest.raises(ProviderRejected) as raised:

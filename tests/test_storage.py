@@ -308,6 +308,35 @@ def test_a_corrupt_file_is_reported_skipped_and_left_untouched(data_dir: Path) -
     assert broken.read_bytes() == b'{"schema_version": 1, "id": "trunc'
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda doc: doc.pop("title"),
+        lambda doc: doc.pop("params"),
+        lambda doc: doc["messages"][0].pop("parent_id"),
+        lambda doc: doc["messages"].append("hello"),
+        lambda doc: doc.update(schema_version=0, messages=["hello"]),  # a failing migration
+        lambda doc: doc.update(id="0" * 32),
+    ],
+)
+def test_a_file_of_the_wrong_shape_is_unreadable_not_a_crash(data_dir: Path, damage: Any) -> None:
+    store = opened(data_dir)
+    good = asyncio.run(turn(store, new(), "fine", "ok"))
+    bad = asyncio.run(turn(store, new(), "soon broken", "ok"))
+    path = store.conversations / f"{bad}.json"
+    doc = json.loads(path.read_text())
+    damage(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConversationUnreadable, match="repair the file or delete it"):
+        asyncio.run(store.get(bad))
+    with pytest.raises(ConversationUnreadable):
+        asyncio.run(turn(store, bad, "more", "ok"))
+    fresh = opened(data_dir)  # a restart: the listing rebuilds from the files
+    items, _ = asyncio.run(fresh.list_conversations(10, None))
+    assert [s["id"] for s in items] == [good]
+    assert list(fresh.unreadable()) == [bad]
+
+
 def test_a_file_from_a_newer_version_is_refused_not_overwritten(data_dir: Path) -> None:
     store = opened(data_dir)
     conversation_id = asyncio.run(turn(store, new(), "hi", "ok"))
