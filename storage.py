@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -318,6 +318,19 @@ def _os_error(exc: OSError, what: str, doing: str = "save") -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"could not {doing} {what}: {reason}; free some disk space and retry")
     return StorageError(f"could not {doing} {what}: {reason}; check the data directory and retry")
+
+
+@contextlib.contextmanager
+def reading(conversation_id: str) -> Iterator[None]:
+    """A read's OS errors as the API's: not found -> 404, anything else -> storage_error."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ConversationNotFound(
+            f"no conversation {conversation_id}: list them with GET /api/conversations"
+        ) from None
+    except OSError as exc:
+        raise _os_error(exc, f"conversation {conversation_id}", "read") from exc
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -659,14 +672,8 @@ class Store:
 
     def _with_file_lock(self, conversation_id: str, work: Callable[[], T], creating: bool) -> T:
         if not creating:  # an unknown id must not leave a lock file behind
-            try:
+            with reading(conversation_id):
                 os.stat(self._path(conversation_id))
-            except FileNotFoundError:
-                raise ConversationNotFound(
-                    f"no conversation {conversation_id}: list them with GET /api/conversations"
-                ) from None
-            except OSError as exc:
-                raise _os_error(exc, f"conversation {conversation_id}", "read") from exc
         try:
             with self._file_lock(conversation_id):
                 return work()
@@ -711,10 +718,8 @@ class Store:
 
     def _read_to_change(self, conversation_id: str) -> Conversation:
         """The conversation as this process last wrote it, if the file is still that one."""
-        try:
+        with reading(conversation_id):
             stat = os.stat(self._path(conversation_id))
-        except FileNotFoundError:
-            raise ConversationNotFound(f"no conversation {conversation_id}") from None
         cached = self._recent.get(conversation_id, file_signature(stat))
         return cached if cached is not None else self._read(conversation_id)
 
@@ -722,14 +727,8 @@ class Store:
         return self.conversations / f"{conversation_id}.json"
 
     def _read(self, conversation_id: str) -> Conversation:
-        try:
+        with reading(conversation_id):
             data = self._path(conversation_id).read_bytes()
-        except FileNotFoundError:
-            raise ConversationNotFound(
-                f"no conversation {conversation_id}: list them with GET /api/conversations"
-            ) from None
-        except OSError as exc:
-            raise _os_error(exc, f"conversation {conversation_id}", "read") from exc
         return parse_conversation(data, conversation_id)
 
     def _write_new(self, conversation: Conversation) -> Conversation:
