@@ -216,19 +216,7 @@ async def begin_turn(
             max_tokens=params["max_tokens"],
         )
         chosen.append((provider, request))
-        reply: Message = {
-            "id": storage.new_id(),
-            "parent_id": None,
-            "role": "assistant",
-            "content": "",
-            "created_at": storage.now(),
-            "model": model,
-            "params": params,
-            "status": "incomplete",
-            "finish_reason": None,
-            "usage": None,
-            "error": None,
-        }
+        reply = storage.placeholder_reply(model, params)
         if system != conversation["system"]:
             reply["system"] = system
         return reply

@@ -219,6 +219,23 @@ def new_conversation(
     }
 
 
+def placeholder_reply(model: str, params: Params) -> Message:
+    """The reply saved with the user's message before the provider is called: what a crash leaves."""
+    return {
+        "id": new_id(),
+        "parent_id": None,  # set by append_turn to the user's message
+        "role": "assistant",
+        "content": "",
+        "created_at": now(),
+        "model": model,
+        "params": params,
+        "status": "incomplete",
+        "finish_reason": None,
+        "usage": None,
+        "error": None,
+    }
+
+
 # --- schema -------------------------------------------------------------------------------------
 
 
@@ -442,7 +459,9 @@ class ListingIndex:
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
-            if isinstance(entry, dict) and (entry.get("deleted") or entry.keys() >= SUMMARY_KEYS):
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                continue
+            if entry.get("deleted") or entry.keys() >= SUMMARY_KEYS:
                 self._apply(entry)
         self._offset += complete
 
@@ -567,9 +586,11 @@ class Store:
     async def update(self, conversation_id: str, changes: dict[str, Any]) -> Conversation:
         """Set top-level fields (title, model, system); `params` given are merged into the current ones."""
 
+        fields = {k: v for k, v in changes.items() if k != "params"}
+
         def change(conversation: Conversation) -> None:
-            params = {**conversation["params"], **changes.pop("params", {})}
-            conversation.update(changes)  # type: ignore[typeddict-item]
+            params = {**conversation["params"], **changes.get("params", {})}
+            conversation.update(fields)  # type: ignore[typeddict-item]
             conversation["params"] = params  # type: ignore[typeddict-item]
 
         await self._modify(conversation_id, change)

@@ -319,19 +319,7 @@ def prepare_listing_dir(data_dir: Path, count: int, rng: random.Random) -> None:
 
 def placeholder_reply(model: str) -> Callable[[storage.Conversation], storage.Message]:
     def make_reply(conversation: storage.Conversation) -> storage.Message:
-        return {
-            "id": storage.new_id(),
-            "parent_id": None,
-            "role": "assistant",
-            "content": "",
-            "created_at": storage.now(),
-            "model": model,
-            "params": {"temperature": None, "max_tokens": None},
-            "status": "incomplete",
-            "finish_reason": None,
-            "usage": None,
-            "error": None,
-        }
+        return storage.placeholder_reply(model, {"temperature": None, "max_tokens": None})
 
     return make_reply
 

@@ -37,15 +37,7 @@ def opened(data_dir: Path) -> Store:
 
 
 def placeholder(conversation: storage.Conversation) -> Message:
-    return {
-        "id": storage.new_id(),
-        "parent_id": None,
-        "role": "assistant",
-        "content": "",
-        "created_at": storage.now(),
-        "model": conversation["model"],
-        "status": "incomplete",
-    }
+    return storage.placeholder_reply(conversation["model"], conversation["params"])
 
 
 async def turn(store: Store, conversation: str | storage.Conversation, text: str, answer: str) -> str:
