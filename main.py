@@ -13,14 +13,14 @@ import ipaddress
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from pydantic import (
@@ -54,6 +54,7 @@ from schemas import (
     ParamsModel,
 )
 from storage import Conversation, StorageError, Store, current_branch, summarize
+from web import JSON, StoreDep, TableDep, error
 
 __version__ = "0.1.0"
 
@@ -216,19 +217,6 @@ def default_model(settings: Settings, table: ProviderTable) -> str:
     return f"ollama/{DEFAULT_MODELS['ollama']}"
 
 
-class JSON(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-def error(
-    status: int, detail: str, kind: str, headers: Mapping[str, str] | None = None, **extra: Any
-) -> JSON:
-    return JSON({"detail": detail, "type": kind, **extra}, status_code=status, headers=headers)
-
-
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 429, 500, 502, 503, 504, 507)
 }
@@ -345,21 +333,6 @@ def same_origin(origin: str, host: str) -> bool:
 
 
 # --- the app ------------------------------------------------------------------------------------
-
-
-# async: FastAPI runs plain `def` dependencies in the thread pool, a thread hop each per request
-async def get_store(request: Request) -> Store:
-    store: Store = request.app.state.store
-    return store
-
-
-async def get_table(request: Request) -> ProviderTable:
-    table: ProviderTable = request.app.state.providers
-    return table
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-TableDep = Annotated[ProviderTable, Depends(get_table)]
 
 
 @asynccontextmanager
