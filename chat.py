@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 import storage
+import usage as ledger
 from providers import ChatMessage, ChatRequest, Finish, Provider, ProviderError, ProviderTable, resolve
 from storage import Conversation, Message, Params, StorageError, Store
 
@@ -76,6 +77,7 @@ class Turn:
     provider: Provider
     request: ChatRequest
     tracker: TurnTracker
+    usage: ledger.Usage
     parts: list[str] = field(default_factory=list)
     finish: Finish | None = None
     error: ProviderError | None = None
@@ -92,12 +94,35 @@ class Turn:
             await self._relay(emit)
         finally:
             final = self.final = self._final_reply()
-            save = asyncio.ensure_future(self.store.finish_reply(self.conversation_id, final))
+            save = asyncio.ensure_future(self._account_and_save(final))
             save.add_done_callback(lambda _: self._settle(saved, save, final))
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([save])
         save.result()  # a failed save raises StorageError here, unless the turn was cancelled
         return final
+
+    async def _account_and_save(self, final: Message) -> None:
+        """Count the generation in the usage ledger (unless it failed before any text), then save."""
+        if self.error is None or final["content"]:
+            reported = (self.finish.input_tokens, self.finish.output_tokens) if self.finish else None
+            prompt = [m.content for m in self.request.messages]
+            if self.request.system:
+                prompt.append(self.request.system)
+            input_tokens, output_tokens, estimated = ledger.counted_tokens(reported, prompt, final["content"])
+            entry = await self.usage.record(
+                provider=self.provider.name,
+                model=self.request.model,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                estimated=estimated,
+                conversation_id=self.conversation_id,
+            )
+            counted: storage.Usage = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+            if estimated:
+                counted["estimated"] = True
+            final["usage"] = counted
+            final["cost"] = entry.cost
+        await self.store.finish_reply(self.conversation_id, final)
 
     def _settle(self, saved: asyncio.Future[None], save: asyncio.Future[None], final: Message) -> None:
         """The save is over: release shutdown's wait, and say in the log what became of the reply."""
@@ -185,6 +210,7 @@ async def begin_turn(
     store: Store,
     table: ProviderTable,
     tracker: TurnTracker,
+    usage: ledger.Usage,
     *,
     conversation_id: str | None,
     text: str,
@@ -203,6 +229,7 @@ async def begin_turn(
     def make_reply(conversation: Conversation) -> Message:
         model = options.model or conversation["model"]
         provider, upstream_model = resolve(table, model)
+        usage.check_budget(provider.name)  # refused before anything is written
         system = conversation["system"] if options.system is None else options.system
         params = effective_params(conversation, options)
         history = [
@@ -240,6 +267,7 @@ async def begin_turn(
         provider=provider,
         request=request,
         tracker=tracker,
+        usage=usage,
     )
 
 

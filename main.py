@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chat
 import providers
+import usage
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
 from schemas import (
     ChatIn,
@@ -128,6 +129,10 @@ class Settings(BaseSettings):
     )
     ollama_base_url: str = Field("http://127.0.0.1:11434/v1", alias="OLLAMA_BASE_URL", pattern=r"^https?://")
     servers: dict[str, Server] = Field({}, alias="CHAT_SERVERS")
+    rate_limit: str | None = Field(None, alias="CHAT_RATE_LIMIT", examples=["30/minute"])
+    max_concurrent_generations: int | None = Field(None, alias="CHAT_MAX_CONCURRENT_GENERATIONS", ge=1)
+    budgets: usage.Budgets = Field({}, alias="CHAT_BUDGETS")
+    prices: dict[str, usage.PriceSetting] = Field({}, alias="CHAT_PRICES")
 
     _split = field_validator("allowed_hosts", "cors_origins", mode="before")(split_list)
 
@@ -145,6 +150,28 @@ class Settings(BaseSettings):
                     f"server name {name!r} must be lowercase letters, digits, '.', '_' or '-' "
                     f"and not one of {', '.join(BUILTIN_PROVIDERS)}"
                 )
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value:
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a rate; write it like 30/minute or 10/second;500/day"
+                ) from None
+        return value
+
+    @field_validator("prices")
+    @classmethod
+    def _price_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not re.fullmatch(r"[^/\s]+/\S+", key):
+                raise ValueError(f"price key {key!r} must be provider/model or provider/*, e.g. ollama/*")
         return value
 
     @property
@@ -379,6 +406,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.providers = build_providers(settings)
     app.state.default_model = default_model(settings, app.state.providers)
     app.state.turns = chat.TurnTracker()
+    app.state.usage = usage.Usage(
+        settings.data_dir,
+        prices=settings.prices,
+        rate_limit=settings.rate_limit,
+        max_concurrent=settings.max_concurrent_generations,
+        budgets=settings.budgets,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -389,6 +423,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guard, settings=settings)
     add_error_handlers(app)
     add_routes(app)
+    app.include_router(usage.router)
     return app
 
 
@@ -396,6 +431,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProviderError)
     async def provider_error(request: Request, exc: ProviderError) -> Response:
         return provider_error_response(exc)
+
+    @app.exception_handler(usage.LimitReached)
+    async def limit_reached(request: Request, exc: usage.LimitReached) -> Response:
+        return error(exc.status_code, exc.detail, exc.type, exc.headers, **exc.extra)
 
     @app.exception_handler(StorageError)
     async def storage_error(request: Request, exc: StorageError) -> Response:
@@ -456,10 +495,12 @@ def add_routes(app: FastAPI) -> None:
             return error(
                 503, "the server is shutting down; send the message again shortly", "server_shutdown"
             )
+        request.app.state.usage.admit(client_key(request), running=len(request.app.state.turns.unsaved))
         turn = await chat.begin_turn(
             store,
             table,
             request.app.state.turns,
+            request.app.state.usage,
             conversation_id=body.conversation_id,
             text=body.message,
             options=chat.TurnOptions(body.model, body.system, body.temperature, body.max_tokens),
@@ -526,6 +567,13 @@ def add_routes(app: FastAPI) -> None:
         """Delete a conversation and its file."""
         await store.delete(conversation_id)
         return Response(status_code=204)
+
+
+def client_key(request: Request) -> str:
+    """Whom a rate limit counts: the bearer token when one is set, else the peer's address."""
+    if request.app.state.settings.api_token is not None:
+        return request.headers.get("authorization", "")
+    return request.client.host if request.client else ""
 
 
 def provider_error_response(exc: ProviderError, **extra: Any) -> JSON:

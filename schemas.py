@@ -62,6 +62,7 @@ class ConversationPatch(Strict):
 class UsageOut(BaseModel):
     input_tokens: int | None
     output_tokens: int | None
+    estimated: bool = Field(False, description="counted by the service's estimate: the provider sent none")
 
 
 class ErrorInfoOut(BaseModel):
@@ -81,7 +82,14 @@ class MessageOut(BaseModel):
     status: Literal["complete", "incomplete", "error"] | None = None
     finish_reason: str | None = None
     usage: UsageOut | None = None
+    cost: float | None = Field(None, description="USD; null when the model's price is unknown")
     error: ErrorInfoOut | None = None
+
+
+class TotalsOut(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cost: float | None = Field(description="USD over the replies with a known price; null if none has one")
 
 
 class SummaryOut(BaseModel):
@@ -91,6 +99,7 @@ class SummaryOut(BaseModel):
     updated_at: str
     model: str
     message_count: int
+    totals: TotalsOut = Field(description="tokens and cost of every reply in every branch")
 
 
 class ConversationOut(SummaryOut):

@@ -51,6 +51,7 @@ Status = Literal["complete", "incomplete", "error"]
 class Usage(TypedDict):
     input_tokens: int | None
     output_tokens: int | None
+    estimated: NotRequired[bool]  # counted with tokens.estimate_*: the provider sent no usage
 
 
 class ErrorInfo(TypedDict):
@@ -76,6 +77,7 @@ class Message(TypedDict):
     status: NotRequired[Status]
     finish_reason: NotRequired[str | None]
     usage: NotRequired[Usage | None]
+    cost: NotRequired[float | None]  # USD; None when the price is unknown
     error: NotRequired[ErrorInfo | None]
 
 
@@ -92,6 +94,12 @@ class Conversation(TypedDict):
     messages: list[Message]
 
 
+class Totals(TypedDict):
+    input_tokens: int
+    output_tokens: int
+    cost: float | None  # None until some reply has a known price
+
+
 class Summary(TypedDict):
     id: str
     title: str | None
@@ -99,6 +107,7 @@ class Summary(TypedDict):
     updated_at: str
     model: str
     message_count: int
+    totals: Totals
 
 
 SUMMARY_KEYS = frozenset(Summary.__annotations__)
@@ -173,6 +182,20 @@ def current_branch(conversation: Conversation) -> list[Message]:
     return branch
 
 
+def totals(messages: list[Message]) -> Totals:
+    """Tokens and cost of every reply in every branch (what the conversation cost)."""
+    result: Totals = {"input_tokens": 0, "output_tokens": 0, "cost": None}
+    for message in messages:
+        usage = message.get("usage")
+        if usage:
+            result["input_tokens"] += usage.get("input_tokens") or 0
+            result["output_tokens"] += usage.get("output_tokens") or 0
+        cost = message.get("cost")
+        if isinstance(cost, int | float):
+            result["cost"] = round((result["cost"] or 0.0) + cost, 10)
+    return result
+
+
 def summarize(conversation: Conversation) -> Summary:
     return {
         "id": conversation["id"],
@@ -181,6 +204,7 @@ def summarize(conversation: Conversation) -> Summary:
         "updated_at": conversation["updated_at"],
         "model": conversation["model"],
         "message_count": len(conversation["messages"]),
+        "totals": totals(conversation["messages"]),
     }
 
 

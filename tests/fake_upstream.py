@@ -93,6 +93,8 @@ class Reply:
     ``malformed``: a body that is not JSON / a ``data: {not json`` event."""
     usage: tuple[int, int] | None = None
     """(input_tokens, output_tokens); default (words in the request's messages, number of deltas)."""
+    send_usage: bool = True
+    """OpenAI streaming: False sends no usage chunk even when asked (as llama-cpp-python does)."""
     model_not_found: bool = False
     """Answer 404 model-not-found in the provider's format."""
 
@@ -871,7 +873,7 @@ class FakeUpstream:
         prefix, _, suffix = template.partition(_dumps(marker))
         deltas = [prefix + _dumps(p) + suffix for p in pieces]
         tail = [event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}])]
-        if include_usage:
+        if include_usage and reply.send_usage:
             tail.append(event([], usage=usage))
         tail.append(b"data: [DONE]\n\n")
         error = {

@@ -351,7 +351,7 @@ def test_listing_pages_newest_first(client: TestClient) -> None:
             break
     assert seen == [ids[1], ids[4], ids[3], ids[2], ids[0]]
     item = client.get("/api/conversations", params={"limit": 1}).json()["items"][0]
-    assert set(item) == {"id", "title", "created_at", "updated_at", "model", "message_count"}
+    assert set(item) == {"id", "title", "created_at", "updated_at", "model", "message_count", "totals"}
     assert item["message_count"] == 2
 
 

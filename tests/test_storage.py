@@ -370,7 +370,7 @@ def test_an_older_file_is_migrated_when_read(data_dir: Path) -> None:
 def test_cursor_round_trip_and_garbage() -> None:
     summary: storage.Summary = {
         "id": "a" * 32, "title": None, "created_at": "t", "updated_at": "2026-01-01T00:00:00.000000Z",
-        "model": "m", "message_count": 0,
+        "model": "m", "message_count": 0, "totals": {"input_tokens": 0, "output_tokens": 0, "cost": None},
     }  # fmt: skip
     assert storage.decode_cursor(storage.encode_cursor(summary)) == ("2026-01-01T00:00:00.000000Z", "a" * 32)
     for garbage in ("", "!!", "Zm9v", "x" * 100):

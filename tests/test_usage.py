@@ -1,0 +1,272 @@
+"""Usage, cost and limits through the real API: the ledger, prices, rate limits and budgets."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from genai_prices import Usage as PriceUsage
+from genai_prices import calc_price
+from pydantic import ValidationError
+
+import main
+import usage
+from tests.conftest import parse_events, settings_for
+from tests.fake_upstream import FakeUpstream, Reply
+
+
+def ledger(data_dir: Path) -> list[dict[str, Any]]:
+    path = data_dir / "usage.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def chat(client: TestClient, **body: Any) -> Any:
+    response = client.post("/api/chat", json={"message": "Hello there", **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def library_cost(provider: str, model: str, input_tokens: int, output_tokens: int) -> float:
+    price = calc_price(
+        PriceUsage(input_tokens=input_tokens, output_tokens=output_tokens),
+        model_ref=model,
+        provider_id=provider,
+    )
+    return float(price.total_price)
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "upstream_model"),
+    [
+        ("openai/gpt-4o-mini", "openai", "gpt-4o-mini"),
+        ("anthropic/claude-haiku-4-5", "anthropic", "claude-haiku-4-5"),
+    ],
+)
+def test_known_models_cost_what_the_price_table_says(
+    client: TestClient, upstream: FakeUpstream, data_dir: Path, model: str, provider: str, upstream_model: str
+) -> None:
+    upstream.script(Reply(text="fine", usage=(12_000, 3_000)))
+    reply = chat(client, model=model)["message"]
+    expected = library_cost(provider, upstream_model, 12_000, 3_000)
+    assert expected > 0
+    assert reply["usage"] == {"input_tokens": 12_000, "output_tokens": 3_000}
+    assert reply["cost"] == pytest.approx(expected)
+    [line] = ledger(data_dir)
+    assert line["provider"] == provider and line["model"] == upstream_model
+    assert (line["input_tokens"], line["output_tokens"], line["estimated"]) == (12_000, 3_000, False)
+    assert line["cost"] == pytest.approx(expected)
+    assert line["conversation_id"] == client.get("/api/conversations").json()["items"][0]["id"]
+    assert "Hello there" not in (data_dir / "usage.jsonl").read_text()  # never any text
+
+
+def test_an_unknown_price_is_null_never_a_guess(client: TestClient, data_dir: Path) -> None:
+    assert chat(client, model="openai/fake-gpt-1")["message"]["cost"] is None
+    assert chat(client, model="ollama/llama3.2")["message"]["cost"] is None
+    assert [line["cost"] for line in ledger(data_dir)] == [None, None]
+    totals = client.get("/api/usage", params={"group_by": "provider"}).json()
+    assert totals["total"]["requests"] == 2
+    assert totals["total"]["unpriced_requests"] == 2
+    assert totals["total"]["cost"] == 0
+
+
+def test_chat_prices_override_and_declare_free_servers(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream
+) -> None:
+    client = make_client(
+        CHAT_PRICES={
+            "lmstudio/*": {"input": 0.5, "output": 1.5},
+            "ollama/*": 0,
+            "openai/gpt-4o-mini": {"input": 1, "output": 2},
+        }
+    )
+    upstream.script(*[Reply(text="ok", usage=(1_000_000, 2_000_000))] * 3)
+    assert chat(client, model="lmstudio/any-model")["message"]["cost"] == pytest.approx(0.5 + 3.0)
+    assert chat(client, model="ollama/llama3.2")["message"]["cost"] == 0
+    assert chat(client, model="openai/gpt-4o-mini")["message"]["cost"] == pytest.approx(1 + 4)
+
+
+def test_a_server_that_sends_no_usage_is_estimated_and_marked(
+    client: TestClient, upstream: FakeUpstream, data_dir: Path
+) -> None:
+    upstream.script(Reply(text="word " * 40, send_usage=False))
+    events = parse_events(
+        client.post("/api/chat", json={"message": "x" * 400, "model": "lmstudio/m", "stream": True}).text
+    )
+    reply = events[-1][1]["message"]
+    assert reply["usage"]["estimated"] is True
+    assert reply["usage"]["input_tokens"] >= 100  # 400 characters at about 4 per token
+    assert reply["usage"]["output_tokens"] >= 40
+    [line] = ledger(data_dir)
+    assert line["estimated"] is True and line["input_tokens"] == reply["usage"]["input_tokens"]
+
+
+def test_a_reply_cut_by_an_error_is_counted_as_estimated(
+    client: TestClient, upstream: FakeUpstream, data_dir: Path
+) -> None:
+    upstream.script(Reply(text="partial text that goes on", chunks=4, mode="midstream_error"))
+    response = client.post("/api/chat", json={"message": "hi", "model": "openai/gpt-4o-mini"})
+    assert response.status_code >= 400
+    [line] = ledger(data_dir)
+    assert line["estimated"] is True and line["output_tokens"] > 0
+    upstream.script(Reply(status=401))
+    client.post("/api/chat", json={"message": "hi", "model": "openai/gpt-4o-mini"})
+    assert len(ledger(data_dir)) == 1  # refused before any text: nothing was generated
+
+
+def test_conversation_and_listing_carry_totals(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream
+) -> None:
+    client = make_client(CHAT_PRICES={"openai/*": {"input": 1, "output": 1}})
+    upstream.script(Reply(text="a", usage=(100, 10)), Reply(text="b", usage=(200, 20)))
+    conversation_id = chat(client)["conversation_id"]
+    chat(client, conversation_id=conversation_id)
+    expected = {"input_tokens": 300, "output_tokens": 30, "cost": pytest.approx(330 / 1_000_000)}
+    assert client.get(f"/api/conversations/{conversation_id}").json()["totals"] == expected
+    assert client.get("/api/conversations").json()["items"][0]["totals"] == expected
+
+
+def test_usage_groups_and_validates(make_client: Callable[..., TestClient], upstream: FakeUpstream) -> None:
+    client = make_client(CHAT_PRICES={"openai/*": {"input": 1, "output": 1}, "anthropic/*": 0})
+    upstream.script(Reply(usage=(10, 1)), Reply(usage=(20, 2)), Reply(usage=(40, 4)))
+    chat(client, model="openai/fake-gpt-1")
+    chat(client, model="openai/fake-gpt-2")
+    chat(client, model="anthropic/claude-fake-1")
+    today = datetime.now(UTC).date().isoformat()
+    by_provider = client.get("/api/usage", params={"group_by": "provider"}).json()
+    assert [(g["provider"], g["requests"], g["input_tokens"]) for g in by_provider["groups"]] == [
+        ("anthropic", 1, 40),
+        ("openai", 2, 30),
+    ]
+    assert by_provider["total"] == {
+        "requests": 3,
+        "input_tokens": 70,
+        "output_tokens": 7,
+        "cost": pytest.approx(33 / 1_000_000),
+        "unpriced_requests": 0,
+    }
+    by_model = client.get("/api/usage", params={"group_by": "model", "from": today, "to": today}).json()
+    assert [g["model"] for g in by_model["groups"]] == [
+        "anthropic/claude-fake-1",
+        "openai/fake-gpt-1",
+        "openai/fake-gpt-2",
+    ]
+    by_day = client.get("/api/usage").json()
+    assert [(g["day"], g["requests"]) for g in by_day["groups"]] == [(today, 3)]
+    assert client.get("/api/usage", params={"from": "2000-01-01", "to": "2000-01-31"}).json()["groups"] == []
+    swapped = client.get("/api/usage", params={"from": "2026-02-01", "to": "2026-01-01"})
+    assert swapped.status_code == 422 and swapped.json()["detail"][0]["loc"] == ["query", "from"]
+    unknown = client.get("/api/usage", params={"group_by": "week"})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["query", "group_by"]
+
+
+def test_rate_limit_refuses_before_anything_is_written_and_resets(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(CHAT_RATE_LIMIT="2/second")
+    chat(client)
+    chat(client)
+    refused = client.post("/api/chat", json={"message": "third"})
+    assert refused.status_code == 429
+    assert refused.json()["type"] == "rate_limited"
+    assert refused.headers["retry-after"] == "1"
+    assert client.get("/api/conversations").json()["items"].__len__() == 2  # nothing written
+    time.sleep(float(refused.headers["retry-after"]) + 0.1)  # the window itself is the thing under test
+    chat(client)
+
+
+def test_the_rate_is_counted_per_peer(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(CHAT_RATE_LIMIT="1/minute")
+    chat(client)
+    assert client.post("/api/chat", json={"message": "again"}).status_code == 429
+    client._transport.client = ("127.0.0.2", 50001)  # type: ignore[attr-defined]  # another local peer
+    assert client.post("/api/chat", json={"message": "mine"}).status_code == 200
+
+
+def test_concurrent_generations_are_capped(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream
+) -> None:
+    client = make_client(CHAT_MAX_CONCURRENT_GENERATIONS=1)
+    upstream.script(Reply(text="slow reply here", chunks=3, mode="stall_mid"), Reply(text="next"))
+    with client.stream("POST", "/api/chat", json={"message": "first", "stream": True}) as first:
+        lines = first.iter_lines()
+        while "delta" not in next(lines):  # the first reply is running
+            pass
+        refused = client.post("/api/chat", json={"message": "second"})
+        assert refused.status_code == 429
+        assert refused.json()["type"] == "too_many_generations"
+        assert refused.headers["retry-after"] == "1"
+    # the stream's end releases its place once the reply is saved
+    for _ in range(200):
+        response = client.post("/api/chat", json={"message": "second"})
+        if response.status_code != 429:
+            break
+        time.sleep(0.05)
+    assert response.status_code == 200
+
+
+def test_budget_holds_across_restart_and_deletion(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream, data_dir: Path
+) -> None:
+    settings = {
+        "CHAT_PRICES": {"openai/*": {"input": 100, "output": 100}},
+        "CHAT_BUDGETS": {"openai": {"day": 0.5, "month": 20}},
+    }
+    client = make_client(**settings)
+    upstream.script(Reply(text="costly", usage=(5_000, 0)))
+    conversation_id = chat(client)["conversation_id"]  # $0.50: the day's budget is spent
+    refused = client.post("/api/chat", json={"message": "more", "conversation_id": conversation_id})
+    body = refused.json()
+    assert refused.status_code == 429 and body["type"] == "budget_exceeded"
+    assert "retry-after" not in refused.headers
+    assert refused.headers["x-should-retry"] == "false"
+    assert body["provider"] == "openai" and body["period"] == "day" and body["spent"] == pytest.approx(0.5)
+    tomorrow = datetime.fromisoformat(body["resets_at"].replace("Z", "+00:00"))
+    assert tomorrow.date() > datetime.now(UTC).date() and tomorrow.hour == 0
+    assert len(client.get(f"/api/conversations/{conversation_id}").json()["messages"]) == 2  # nothing added
+    assert (
+        client.post("/api/chat", json={"message": "hi", "model": "anthropic/claude-fake-1"}).status_code
+        == 200
+    )
+    client.delete(f"/api/conversations/{conversation_id}")
+    restarted = make_client(**settings)
+    again = restarted.post("/api/chat", json={"message": "new one"})
+    assert again.status_code == 429 and again.json()["type"] == "budget_exceeded"
+    assert len(restarted.get("/api/conversations").json()["items"]) == 1  # only the anthropic one
+
+
+def test_ledger_survives_a_torn_line(tmp_path: Path) -> None:
+    book = usage.Ledger(tmp_path)
+    book.append(usage.Entry("openai", "m", 1, 2, False, 0.5, None))
+    with open(book.path, "ab") as f:
+        f.write(b'{"time": "2026-11-')  # a crash in the middle of an append
+    book.append(usage.Entry("openai", "m", 3, 4, True, None, "a" * 32))
+    [(bucket, totals)] = usage.Ledger(tmp_path).totals().items()
+    assert bucket[1:] == ("openai", "m")
+    assert (totals.requests, totals.input_tokens, totals.output_tokens, totals.cost, totals.unpriced) == (
+        2,
+        4,
+        6,
+        0.5,
+        1,
+    )
+
+
+def test_bad_limit_settings_name_the_variable(upstream: FakeUpstream, data_dir: Path) -> None:
+    for name, value in (
+        ("CHAT_RATE_LIMIT", "thirty a minute"),
+        ("CHAT_PRICES", {"no-slash": 1}),
+        ("CHAT_BUDGETS", {"openai": {"week": 1}}),
+        ("CHAT_MAX_CONCURRENT_GENERATIONS", 0),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            settings_for(upstream, data_dir, **{name: value})
+        assert name in str(caught.value)
+    assert (
+        main.Settings(_env_file=None, CHAT_RATE_LIMIT="10/second;500/day").rate_limit == "10/second;500/day"
+    )
