@@ -188,7 +188,8 @@ class MessageIds:
 
 
 def stamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Our timestamp format (storage.now's), e.g. 2023-11-14T22:13:20.000000Z."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def from_epoch(value: Any) -> str | None:
