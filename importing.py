@@ -37,8 +37,9 @@ import ijson  # type: ignore[import-untyped]
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from storage import (
@@ -904,7 +905,16 @@ class Upload:
         self._in_file = False
         self.parser: MultipartParser | None = None
         if media == b"multipart/form-data":
-            self.parser = MultipartParser(options.get(b"boundary", b""), self.callbacks())
+            boundary = options.get(b"boundary", b"")
+            try:
+                if not boundary:
+                    raise FormParserError("no boundary in the Content-Type")
+                self.parser = MultipartParser(boundary, self.callbacks())
+            except FormParserError as exc:
+                self.sink.close()
+                raise UnknownFormat(
+                    f"the multipart form cannot be read ({exc}); send it as -F file=@export.zip"
+                ) from None
 
     def callbacks(self) -> Any:
         def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -944,7 +954,7 @@ class Upload:
                 self.sink.write(data)
             else:
                 self.parser.write(data)
-        except MultipartParseError as exc:
+        except FormParserError as exc:
             raise UnknownFormat(
                 f"the multipart form could not be read ({first_line(exc)}); send it as -F file=@export.zip"
             ) from None
@@ -954,7 +964,7 @@ class Upload:
         if self.parser is not None:
             try:
                 self.parser.finalize()
-            except MultipartParseError as exc:
+            except FormParserError as exc:
                 raise UnknownFormat(f"the multipart form is cut off ({first_line(exc)})") from None
             if not self.found_file:
                 raise NothingToImport(
@@ -1068,6 +1078,8 @@ async def import_conversations(request: Request, store: StoreDep) -> Response:
         report = await import_export(store, upload, limit=limit, fallback_model=model, name=name)
     except ImportRefused as exc:
         return error(exc.status_code, exc.detail, exc.type, **exc.extra)
+    except ClientDisconnect:
+        return Response(status_code=499)  # the client is gone mid-upload; nobody reads this
     finally:
         await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
     return JSON(report.as_dict())

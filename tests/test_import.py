@@ -331,3 +331,43 @@ def test_zip_entries_are_read_as_streams(tmp_path: Path) -> None:
         assert isinstance(first[0], importing.Section)
         assert [type(item) for item in first[1:]] == [importing.Converted, importing.Converted]
         assert len(importing.take(found, 1000)) == 298
+
+
+def test_a_broken_form_or_an_endless_body_is_refused(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(CHAT_MAX_IMPORT_BYTES=100_000)
+    no_boundary = client.post("/api/import", content=b"x", headers={"content-type": "multipart/form-data"})
+    assert no_boundary.status_code == 400
+    assert no_boundary.json()["type"] == "unknown_import_format"
+    assert "no boundary" in no_boundary.json()["detail"]
+
+    def chunks() -> Any:  # no Content-Length: counted while it arrives
+        for _ in range(50):
+            yield b" " * 10_000
+
+    endless = client.post("/api/import", content=chunks(), headers={"content-type": "application/json"})
+    assert endless.status_code == 413
+    assert endless.json()["type"] == "body_too_large" and "CHAT_MAX_IMPORT_BYTES" in endless.json()["detail"]
+
+
+def test_children_of_dropped_nodes_hang_from_the_nearest_kept_one() -> None:
+    def message(n: int) -> Any:
+        return importing.user_message(f"{n:032x}", f"m{n}", "2026-01-01T00:00:00.000000Z")
+
+    nodes = [
+        importing.Node("root", None),
+        importing.Node("a", "root", message(1)),
+        importing.Node("tool", "a", dropped="tool"),
+        importing.Node("b", "tool", message(2)),
+        importing.Node("c", "tool", message(3)),
+        importing.Node("x", "y", message(4)),  # x and y are each other's parent: no way in from a root
+        importing.Node("y", "x", message(5)),
+    ]
+    drops: Any = importing.Counter()
+    messages, current = importing.rebuild_tree(nodes, "tool", drops)
+    assert [(m["content"], m["parent_id"]) for m in messages] == [
+        ("m1", None),
+        ("m2", f"{1:032x}"),
+        ("m3", f"{1:032x}"),
+    ]
+    assert current == f"{1:032x}"  # the current node was dropped: its nearest kept ancestor
+    assert drops == {"tool": 1, "unreachable": 2}
