@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -362,7 +363,7 @@ def test_children_of_dropped_nodes_hang_from_the_nearest_kept_one() -> None:
         importing.Node("x", "y", message(4)),  # x and y are each other's parent: no way in from a root
         importing.Node("y", "x", message(5)),
     ]
-    drops: Any = importing.Counter()
+    drops: Counter[str] = Counter()
     messages, current = importing.rebuild_tree(nodes, "tool", drops)
     assert [(m["content"], m["parent_id"]) for m in messages] == [
         ("m1", None),
