@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 import ijson  # type: ignore[import-untyped]
@@ -55,6 +55,9 @@ from storage import (
     title_from,
 )
 from web import JSON, StoreDep, error
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 IMPORT_PATH = "/api/import"
 ALREADY_IMPORTED = "already imported"
@@ -916,7 +919,7 @@ class Upload:
                     f"the multipart form cannot be read ({exc}); send it as -F file=@export.zip"
                 ) from None
 
-    def callbacks(self) -> Any:
+    def callbacks(self) -> MultipartCallbacks:
         def on_header_field(data: bytes, start: int, end: int) -> None:
             self._header[0] += data[start:end]
 
@@ -960,7 +963,7 @@ class Upload:
             ) from None
 
     def finish(self) -> int:
-        """Close the file; its size. A form without a `file` field is refused."""
+        """Flush the file; its size. A form without a `file` field is refused."""
         if self.parser is not None:
             try:
                 self.parser.finalize()
