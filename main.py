@@ -39,6 +39,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chat
+import importing
 import providers
 import usage
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
@@ -118,6 +119,7 @@ class Settings(BaseSettings):
     allowed_hosts: Annotated[list[str], NoDecode] = Field([], alias="CHAT_ALLOWED_HOSTS")
     cors_origins: Annotated[list[str], NoDecode] = Field([], alias="CHAT_CORS_ORIGINS")
     max_body_bytes: int = Field(1_048_576, alias="CHAT_MAX_BODY_BYTES", ge=1024)
+    max_import_bytes: int = Field(2 * 1024**3, alias="CHAT_MAX_IMPORT_BYTES", ge=1024)
     stream_idle_timeout: float = Field(120.0, alias="CHAT_STREAM_IDLE_TIMEOUT", gt=0)
     shutdown_timeout: float = Field(5.0, alias="CHAT_SHUTDOWN_TIMEOUT", ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", alias="CHAT_LOG_LEVEL")
@@ -258,7 +260,8 @@ class Guard:
     - Host: when bound to loopback only loopback names are served (DNS rebinding, Ollama
       CVE-2024-28224); CHAT_ALLOWED_HOSTS adds names.
     - Origin: a browser request from another origin is refused unless CHAT_CORS_ORIGINS lists it.
-    - Body size: a Content-Length over CHAT_MAX_BODY_BYTES gets 413 before the body is read.
+    - Body size: a Content-Length over CHAT_MAX_BODY_BYTES gets 413 before the body is read;
+      the one exception is `POST /api/import`, whose uploads are exports: CHAT_MAX_IMPORT_BYTES.
     - Token: with CHAT_API_TOKEN set, every route but health and the docs needs it.
     """
 
@@ -278,25 +281,33 @@ class Guard:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        await self.app(scope, self.limit_body(receive), send)
+        await self.app(scope, self.limit_body(receive, scope["path"]), send)
 
-    def limit_body(self, receive: Receive) -> Receive:
+    def body_limit(self, path: str) -> tuple[int, str]:
+        """The largest body a path takes, and the setting that says so."""
+        if path == importing.IMPORT_PATH:  # exports are large; the route streams them to disk
+            return self.settings.max_import_bytes, "CHAT_MAX_IMPORT_BYTES"
+        return self.settings.max_body_bytes, "CHAT_MAX_BODY_BYTES"
+
+    def limit_body(self, receive: Receive, path: str) -> Receive:
         """Count a body sent without Content-Length; past the limit the route gets a 413 (JSON)."""
         received = 0
+        limit = self.body_limit(path)[0]
 
         async def counted() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.settings.max_body_bytes:
-                raise HTTPException(413, self.too_large())
+            if received > limit:
+                raise HTTPException(413, self.too_large(path))
             return message
 
         return counted
 
-    def too_large(self, size: str = "") -> str:
+    def too_large(self, path: str, size: str = "") -> str:
+        limit, setting = self.body_limit(path)
         what = f"request body is {size} bytes" if size else "request body is too large"
-        return f"{what}; the limit is {self.settings.max_body_bytes} bytes (CHAT_MAX_BODY_BYTES)"
+        return f"{what}; the limit is {limit} bytes ({setting})"
 
     def refuse(self, scope: Scope, headers: dict[str, str]) -> Response | None:
         peer = (scope.get("client") or ("", 0))[0]
@@ -324,8 +335,8 @@ class Guard:
         if scope["method"] == "OPTIONS" and origin is not None:
             return None  # CORS preflight carries no credentials
         length = headers.get("content-length", "0")
-        if length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return error(413, self.too_large(length), "body_too_large")
+        if length.isdigit() and int(length) > self.body_limit(scope["path"])[0]:
+            return error(413, self.too_large(scope["path"], length), "body_too_large")
         if self.token is not None and scope["path"] not in OPEN_PATHS:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
@@ -424,6 +435,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_error_handlers(app)
     add_routes(app)
     app.include_router(usage.router)
+    app.include_router(importing.router)
     return app
 
 
@@ -647,6 +659,9 @@ def exposure_problem(settings: Settings) -> str | None:
 
 def main() -> None:
     settings = load_settings()
+    if sys.argv[1:2] == ["import"]:  # `python main.py import FILE...`: straight into the data dir, no server
+        model = default_model(settings, build_providers(settings))
+        raise SystemExit(importing.run_cli(sys.argv[2:], settings.data_dir, settings.max_import_bytes, model))
     if problem := exposure_problem(settings):
         raise SystemExit(problem)
     configure_logging(settings.log_level)

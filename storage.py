@@ -602,6 +602,13 @@ class Store:
         conversation = new_conversation(model=model, system=system, params=params, title=title)
         return await self._locked(conversation["id"], lambda: self._write_new(conversation), creating=True)
 
+    async def add(self, conversation: Conversation) -> bool:
+        """Save a conversation built elsewhere (an import) under its own id, as it is: create-only.
+
+        False, and nothing written, when a conversation with that id already exists.
+        """
+        return await self._locked(conversation["id"], lambda: self._write_if_new(conversation), creating=True)
+
     async def get(self, conversation_id: str) -> Conversation:
         # No lock needed to read: a file is only ever replaced whole, so a reader sees old or new.
         self._check_id(conversation_id)
@@ -779,6 +786,12 @@ class Store:
     def _write_new(self, conversation: Conversation) -> Conversation:
         self._write(conversation)
         return conversation
+
+    def _write_if_new(self, conversation: Conversation) -> bool:
+        if self._path(conversation["id"]).exists():
+            return False
+        self._write(conversation)
+        return True
 
     def _write(self, conversation: Conversation) -> Signature:
         path = self._path(conversation["id"])
