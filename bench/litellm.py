@@ -5,7 +5,8 @@ user's cache (`~/.cache/chat-bench/litellm-venv`, outside the checkout so that n
 sees it), so that none of its many dependencies reach the service's venv.
 It runs with one worker, no database, logging at error, and the cost map read from the package
 (`LITELLM_LOCAL_MODEL_COST_MAP=True`: no fetch at start-up); the one model it knows is the fake's
-OpenAI model, with the same key and base URL the service uses.
+OpenAI model, with the same key and base URL the service uses. Clients authenticate with a master
+key (without one it refuses to start); there is no database, so the key is checked in memory.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench.processes import API_KEY, MODELS, Children, Upstream, clean_env, free
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 VENV = CACHE / "chat-bench" / "litellm-venv"
 EXECUTABLE = VENV / "bin" / "litellm"
+MASTER_KEY = "sk-" + "5e" * 32  # it refuses to start without one; a client sends it as its key
 
 
 def ensure_installed() -> Path:
@@ -60,7 +62,7 @@ def config(upstream: Upstream) -> dict[str, object]:
             }
         ],
         "litellm_settings": {"set_verbose": False, "telemetry": False, "drop_params": True},
-        "general_settings": {"disable_spend_logs": True},
+        "general_settings": {"disable_spend_logs": True, "master_key": MASTER_KEY},
     }
 
 

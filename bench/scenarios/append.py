@@ -15,7 +15,7 @@ from bench.conversations import MODEL, PARAMS, make_conversation, put, text_of
 from bench.harness import Bench, Scenario
 from bench.stats import fmt_ms
 
-SIZES = {10: 50, 100: 50, 1000: 30}  # messages: samples
+SIZES = {10: 25, 100: 25, 1000: 15}  # messages: samples
 REPEATS = 5
 
 

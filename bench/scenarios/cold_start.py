@@ -17,7 +17,7 @@ CONVERSATIONS = 10_000
 
 async def run(bench: Bench) -> None:
     times, idle, after = [], [], {}
-    launches = bench.count(5, 2)
+    launches = bench.count(3, 2)
     for i in range(launches):
         service = await bench.launch(bench.run_dir / f"cold-{i}")
         try:

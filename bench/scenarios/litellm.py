@@ -13,6 +13,7 @@ from functools import partial
 
 from bench.exchanges import Timing, chat_completion, service_stream, service_turn
 from bench.harness import Bench, Measured, Scenario
+from bench.litellm import MASTER_KEY
 
 REPEATS = 5
 QUESTION = [{"role": "user", "content": "how is the weather today?"}]
@@ -30,10 +31,10 @@ async def run(bench: Bench) -> None:
 
     steps = {
         "direct": partial(chat_completion, bench.client, direct_url, QUESTION, False),
-        "LiteLLM": partial(chat_completion, bench.client, proxy, QUESTION, False),
+        "LiteLLM": partial(chat_completion, bench.client, proxy, QUESTION, False, MASTER_KEY),
         "service": turn,
     }
-    measured = await bench.measure(steps, REPEATS, bench.count(40, 6), warmup=5)  # type: ignore[arg-type]
+    measured = await bench.measure(steps, REPEATS, bench.count(10, 2), warmup=5)  # type: ignore[arg-type]
     row(
         bench,
         "non-streaming turn, c=1",
@@ -49,10 +50,10 @@ async def run(bench: Bench) -> None:
 
         steps = {
             "direct": partial(chat_completion, bench.client, direct_url, ask, True),
-            "LiteLLM": partial(chat_completion, bench.client, proxy, ask, True),
+            "LiteLLM": partial(chat_completion, bench.client, proxy, ask, True, MASTER_KEY),
             "service": through,
         }
-        measured = await bench.measure(steps, REPEATS, bench.count(8 if chunks > 50 else 20, 2), warmup=2)  # type: ignore[arg-type]
+        measured = await bench.measure(steps, REPEATS, bench.count(2 if chunks > 50 else 4, 1), warmup=2)  # type: ignore[arg-type]
         row(bench, f"stream {chunks:,} chunks: first delta", measured, "first")
         row(bench, f"stream {chunks:,} chunks: total", measured, "total")
 

@@ -60,7 +60,7 @@ async def run(bench: Bench) -> None:
         return step
 
     turns = await bench.measure({n: turn(s) for n, s in services.items()}, REPEATS, bench.count(10, 2))
-    streams = await bench.measure({n: stream(s) for n, s in services.items()}, REPEATS, bench.count(4, 1))
+    streams = await bench.measure({n: stream(s) for n, s in services.items()}, REPEATS, bench.count(3, 1))
     for service in services.values():
         bench.stop(service)  # SIGTERM: the service exits normally and writes its gc log
     gc_logs = {n: json.loads((s.data_dir / "gc.json").read_text()) for n, s in services.items()}

@@ -47,7 +47,7 @@ async def one_format(bench: Bench, fmt: Format) -> dict[str, float]:
     for chunks in SIZES:
         steps[f"direct {chunks}"] = partial(direct, chunks)
         steps[f"service {chunks}"] = partial(through, chunks)
-    measured = await bench.measure(steps, REPEATS, bench.count(5, 1))  # type: ignore[arg-type]
+    measured = await bench.measure(steps, REPEATS, bench.count(3, 1))  # type: ignore[arg-type]
     figures: dict[str, float] = {}
     for chunks in SIZES:
         first = measured.compare(f"service {chunks}", "first", f"direct {chunks}")

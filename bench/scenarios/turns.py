@@ -86,10 +86,10 @@ def durable_writes(bench: Bench, size: int) -> Stats:
 
 
 async def run(bench: Bench) -> None:
-    c1 = await level(bench, "openai", 1, bench.count(200, 50))
-    await level(bench, "anthropic", 1, bench.count(100, 25))
-    await level(bench, "openai", 4, bench.count(240, 40))
-    c16 = await level(bench, "openai", 16, bench.count(400, 80))
+    c1 = await level(bench, "openai", 1, bench.count(50, 15))
+    await level(bench, "anthropic", 1, bench.count(50, 15))
+    await level(bench, "openai", 4, bench.count(120, 40))
+    c16 = await level(bench, "openai", 16, bench.count(160, 80))
     matched = int(c1["mean_kb"] * 1024)
     sizes = {10 * 1024: "~10 KB", matched: f"{matched // 1024} KB (mean file size of the c=1 turn)"}
     for size, label in sizes.items():
