@@ -71,12 +71,14 @@ async def run(bench: Bench) -> None:
             bench, "first-yield", streams.compare("first-yield", "first", BASE), "first delta of 5,000 chunks"
         )
     for name, log in gc_logs.items():
-        full = log["gen2"]
-        note = ", ".join(f"gen{g}: {log[f'gen{g}']['count']}" for g in range(2))
+        cells = {
+            f"gen{g} {what}": fmt_ms(log[f"gen{g}"][key]) if key != "count" else str(log[f"gen{g}"][key])
+            for g in (2, 1, 0)
+            for what, key in (("count", "count"), ("CPU ms", "total_ms"), ("longest ms", "max_ms"))
+        }
+        note = "over start-up and both workloads"
         bench.row(
-            f"garbage collection, {name}: full collections (count, total ms, longest ms)",
-            {"service p50 / p99": f"{full['count']}, {fmt_ms(full['total_ms'])}, {fmt_ms(full['max_ms'])}"},
-            f"over both workloads and start-up; younger collections {note}",
+            f"service {name if name == BASE else 'without ' + name}", cells, note, table="garbage collection"
         )
     bench.results["gc"] = gc_logs
 

@@ -86,7 +86,7 @@ def durable_writes(bench: Bench, size: int) -> Stats:
 
 
 async def run(bench: Bench) -> None:
-    c1 = await level(bench, "openai", 1, bench.count(50, 15))
+    c1 = await level(bench, "openai", 1, bench.count(100, 25))
     await level(bench, "anthropic", 1, bench.count(50, 15))
     await level(bench, "openai", 4, bench.count(120, 40))
     c16 = await level(bench, "openai", 16, bench.count(160, 80))
