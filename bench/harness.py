@@ -129,9 +129,8 @@ class Bench:
     async def litellm(self) -> str:
         """The base URL (…/v1) of a LiteLLM proxy in front of the same fake upstream (--vs-litellm)."""
         if self._litellm is None:
-            proc, self._litellm = await litellm.start(self.children, self.upstream, self.run_dir)
+            _, self._litellm = await litellm.start(self.children, self.upstream, self.run_dir)
             self.results["litellm_version"] = litellm.version()
-            del proc
         return self._litellm
 
     # --- measuring ----------------------------------------------------------------------------
