@@ -1,6 +1,10 @@
 """Summarise a py-spy `--format raw` profile: where the service's CPU time goes.
 
-    .venv/bin/python -m bench.profile bench/results/profile-s1.txt [--top 15]
+    py-spy record --pid PID --rate 250 --format raw --full-filenames --gil -o bench/results/p.txt
+    .venv/bin/python -m bench.profile bench/results/p.txt [--top 15]
+
+(PID: a service the benchmark started, e.g. with `python -m bench.run --keep turns`; `pip install
+py-spy` first. Without `--gil`, every thread that is not idle is sampled, fsync waits included.)
 
 Each line of a raw profile is `frame;frame;...;frame COUNT`, outermost frame first, a frame being
 `function (file:line)`. Printed: the share of samples per leaf function ("self"), per function

@@ -1,8 +1,9 @@
 """The fake upstream for the benchmark, run as its own process: `python -m bench.upstream --port 0`.
 
 It is `tests.fake_upstream.FakeUpstream` (unchanged) with one addition: the reply is chosen by the
-request. The last user message may carry `chunks=N` (a reply of N deltas of about 4 characters
-each, `tok `) and `delay=S` (seconds between deltas). Without them the fake's default echo reply
+request. The last user message may carry `chunks=N` (a reply of N deltas of 4 characters each,
+`000 `, `001 `, ...: consecutive deltas differ, as LiteLLM refuses a stream that repeats one) and
+`delay=S` (seconds between deltas). Without them the fake's default echo reply
 is used (`You said: ...`, one delta per word). Prints `PORT <n>` on stdout once it listens.
 """
 
@@ -32,7 +33,8 @@ def reply_for(body: dict[str, Any]) -> Reply | None:
     if chunks is None and delay is None:
         return None
     n = int(chunks.group(1)) if chunks else 50
-    return Reply(text="tok " * n, chunks=n, chunk_delay=float(delay.group(1)) if delay else 0.0)
+    text = "".join(f"{i % 1000:03d} " for i in range(n))
+    return Reply(text=text, chunks=n, chunk_delay=float(delay.group(1)) if delay else 0.0)
 
 
 class BenchUpstream(FakeUpstream):

@@ -1,0 +1,43 @@
+"""The scenarios, in the order `python -m bench.run` runs them.
+
+To add one: write `bench/scenarios/NAME.py` with a docstring saying what it measures and against
+which baseline, an `async def run(bench: Bench) -> None` and `SCENARIO = Scenario(...)` (see
+`bench/harness.py` for what `bench` offers, and `large.py` for a short example), then add it below.
+The scenarios the next issues need are each such a file, built from pieces already here:
+
+- re-attaching to a running reply: start a slow stream (`chunks=500 delay=0.01`) with
+  `exchanges.service_stream`, leave, re-attach; direct: the same stream read straight from the fake.
+- search at 10,000 conversations: `conversations.fill(dir, 10_000, rng)` and `bench.launch(dir)`
+  (as `listing.py` does); direct: the same query over the files in-process.
+- import of 1,000 conversations: `conversations.make_conversation` for the file to import; direct:
+  writing the same conversations with `storage.write_durably`.
+- the /v1 routes: `exchanges.chat_completion(bench.client, service.url + "/v1", ...)` against
+  `chat_completion(bench.client, bench.upstream.url + "/v1", ...)`, as `litellm.py` does.
+"""
+
+from __future__ import annotations
+
+from bench.harness import Scenario
+from bench.scenarios import (
+    append,
+    cold_start,
+    health,
+    large,
+    listing,
+    litellm,
+    optimisations,
+    streaming,
+    turns,
+)
+
+ALL: list[Scenario] = [
+    turns.SCENARIO,
+    streaming.SCENARIO,
+    health.SCENARIO,
+    append.SCENARIO,
+    large.SCENARIO,
+    listing.SCENARIO,
+    cold_start.SCENARIO,
+    optimisations.SCENARIO,
+    litellm.SCENARIO,
+]

@@ -1,0 +1,73 @@
+"""The first page of the listing (`GET /api/conversations?limit=50`) with 100, 1,000 and 10,000
+conversations on disk, each on a freshly started service.
+
+The service builds its listing index in the background from start-up, so the first ("cold")
+listing may wait for that build; later ("warm") ones read the index. Direct: building the same
+index in-process (`storage.ListingIndex.refresh`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import orjson
+
+import storage
+from bench.conversations import fill
+from bench.harness import Bench, Scenario
+from bench.processes import memory_mb
+from bench.stats import Stats, fmt_ms, spread
+
+COUNTS = (100, 1000, 10000)
+REPEATS = 5
+
+
+async def run(bench: Bench) -> None:
+    rng = random.Random(3)
+    for count in COUNTS:
+        data_dir = fill(bench.run_dir / f"listing-{count}", count, rng)
+        service = await bench.launch(data_dir, ready_path="/docs")  # /docs: not health, which reads the index
+        url = f"{service.url}/api/conversations?limit=50"
+        try:
+            started = time.perf_counter()
+            response = await bench.client.get(url)
+            cold = time.perf_counter() - started
+            if response.status_code != 200 or len(orjson.loads(response.content)["items"]) != min(50, count):
+                raise RuntimeError(f"GET {url} answered {response.status_code}: {response.text[:200]}")
+            warm: list[list[float]] = []
+            for _ in range(REPEATS):
+                warm.append([])
+                for _ in range(bench.count(20, 4)):
+                    started = time.perf_counter()
+                    await bench.client.get(url)
+                    warm[-1].append(time.perf_counter() - started)
+            rss, _ = memory_mb(service.pid)
+        finally:
+            bench.stop(service)
+        index = storage.ListingIndex(data_dir / "conversations", data_dir / "changes.log")
+        started = time.perf_counter()
+        index.refresh()
+        build = time.perf_counter() - started
+        stats = Stats.of([s for repeat in warm for s in repeat])
+        cells = {
+            "direct p50 / p99": f"index build {build * 1000:.0f}",
+            "service p50 / p99": f"cold {cold * 1000:.0f}; warm {stats.cell()}",
+            "service added p50": "warm p50 by repeat " + spread([Stats.of(r).p50 for r in warm]),
+        }
+        bench.row(f"listing, first page of {count:,} conversations", cells, f"service RSS {rss:.0f} MB")
+        bench.results[f"listing_{count}"] = {
+            "cold_ms": cold * 1000,
+            "warm": vars(stats),
+            "build_ms": build * 1000,
+        }
+        if count == COUNTS[-1]:
+            bench.target(
+                f"First page of the listing, {count:,} conversations (warm p50)",
+                "< 10 ms",
+                f"warm p50 {fmt_ms(stats.p50)} ms (p99 {fmt_ms(stats.p99)}; cold {cold * 1000:.0f} ms)",
+                stats.p50 < 10,
+            )
+
+
+SCENARIO = Scenario("listing", "first page of the listing with 100/1,000/10,000 conversations", run)
