@@ -39,6 +39,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chat
+import page
 import providers
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
 from schemas import (
@@ -61,7 +62,7 @@ __version__ = "0.1.0"
 log = logging.getLogger("chat")
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-OPEN_PATHS = frozenset({"/api/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+OPEN_PATHS = frozenset({"/api/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"}) | page.OPEN_PATHS
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,39}$"
 BUILTIN_PROVIDERS = ("openai", "anthropic", "ollama")
 FALLBACK_MODELS = {
@@ -232,7 +233,7 @@ class Guard:
       CVE-2024-28224); CHAT_ALLOWED_HOSTS adds names.
     - Origin: a browser request from another origin is refused unless CHAT_CORS_ORIGINS lists it.
     - Body size: a Content-Length over CHAT_MAX_BODY_BYTES gets 413 before the body is read.
-    - Token: with CHAT_API_TOKEN set, every route but health and the docs needs it.
+    - Token: with CHAT_API_TOKEN set, every route but health, the docs and the page's files needs it.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
@@ -299,7 +300,7 @@ class Guard:
         length = headers.get("content-length", "0")
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
             return error(413, self.too_large(length), "body_too_large")
-        if self.token is not None and scope["path"] not in OPEN_PATHS:
+        if self.token is not None and not is_open(scope["path"]):
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
                 return error(
@@ -317,6 +318,11 @@ class Guard:
         if not self.settings.loopback:
             return not self.hosts and bool(name)
         return name in LOOPBACK_NAMES or name.endswith(".localhost") or is_loopback(name)
+
+
+def is_open(path: str) -> bool:
+    """Paths served without the token: health, the API docs, and the page's files (they hold no data)."""
+    return path in OPEN_PATHS or path.startswith(page.OPEN_PREFIX)
 
 
 def host_name(host: str) -> str:
@@ -389,6 +395,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guard, settings=settings)
     add_error_handlers(app)
     add_routes(app)
+    app.include_router(page.router)
     return app
 
 
