@@ -120,9 +120,7 @@ class App:
 
 
 @pytest.fixture
-def open_app(
-    browser: Browser, upstream: FakeUpstream, data_dir: Path
-) -> Iterator[Callable[..., App]]:
+def open_app(browser: Browser, upstream: FakeUpstream, data_dir: Path) -> Iterator[Callable[..., App]]:
     """open_app(context options..., settings=...) -> an App with the page loaded (not yet ready)."""
     opened: list[tuple[Served, Any, httpx2.Client]] = []
 
@@ -270,7 +268,9 @@ def test_model_picker_lists_models_and_says_what_to_set(open_app: Callable[..., 
     expect(unconfigured).to_have_count(1)
     expect(unconfigured).to_be_disabled()
     app.page.locator("#settings-toggle").click()
-    expect(app.page.locator("#model-hint")).to_contain_text("anthropic: set ANTHROPIC_API_KEY to use anthropic")
+    expect(app.page.locator("#model-hint")).to_contain_text(
+        "anthropic: set ANTHROPIC_API_KEY to use anthropic"
+    )
     # choosing another model: the new chat goes to it
     picker.select_option("lmstudio/fake-gpt-2")
     app.send("which model?")
@@ -306,7 +306,9 @@ def test_system_prompt_and_temperature_per_conversation(app: App) -> None:
     app.watch.assert_clean()
 
 
-def test_an_unconfigured_provider_says_what_to_set_and_keeps_the_message(open_app: Callable[..., App]) -> None:
+def test_an_unconfigured_provider_says_what_to_set_and_keeps_the_message(
+    open_app: Callable[..., App],
+) -> None:
     app = open_app(settings={"OPENAI_API_KEY": None})
     app.goto()
     app.send("hello there")
@@ -506,7 +508,8 @@ def test_light_and_dark_follow_the_system(open_app: Callable[..., App], scheme: 
 
 SHOT_REPLY = (
     "Sure. A **list comprehension** builds the list in one expression:\n\n"
-    "```python\nsquares = [n * n for n in range(10) if n % 2 == 0]\nprint(squares)  # [0, 4, 16, 36, 64]\n```\n\n"
+    "```python\nsquares = [n * n for n in range(10) if n % 2 == 0]\n"
+    "print(squares)  # [0, 4, 16, 36, 64]\n```\n\n"
     "It reads left to right: *what* to keep, *where* it comes from, and *which* items pass."
 )
 
@@ -516,7 +519,7 @@ def test_screenshots_of_the_main_states(
 ) -> None:
     target = SHOTS if request.config.getoption("--screenshots") else tmp_path
     target.mkdir(parents=True, exist_ok=True)
-    shots = [
+    shots: list[tuple[str, dict[str, Any]]] = [
         ("light", {"color_scheme": "light", "viewport": {"width": 1200, "height": 760}}),
         ("dark", {"color_scheme": "dark", "viewport": {"width": 1200, "height": 760}}),
         ("phone", {"color_scheme": "light", "viewport": {"width": 390, "height": 760}, "is_mobile": True}),
@@ -538,7 +541,11 @@ def test_screenshots_of_the_main_states(
             expect(page.locator("body")).to_have_attribute("data-ready", "true")
             expect(page.locator("#messages .msg")).to_have_count(2)
             page.screenshot(path=str(target / f"{name}.png"))
+            if name == "phone":
+                page.locator("#open-sidebar").click()
+                expect(page.locator("#sidebar")).to_be_in_viewport()
+                page.screenshot(path=str(target / "phone-list.png"))
         finally:
             context.close()
-    for name, _ in shots:
+    for name in ("light", "dark", "phone", "phone-list"):
         assert (target / f"{name}.png").stat().st_size > 1000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,11 +19,12 @@ def spec_endpoints() -> set[tuple[str, str]]:
 
 
 def test_spec_endpoint_table_matches_the_routes(client: TestClient) -> None:
+    # iter_route_contexts also walks routers added with include_router (FastAPI keeps them nested)
     routes = {
-        (method, route.path)
-        for route in client.app.routes  # type: ignore[attr-defined]
-        if isinstance(route, APIRoute)
-        for method in route.methods or ()
+        (method, str(context.path))
+        for context in iter_route_contexts(client.app.routes)  # type: ignore[attr-defined]
+        if isinstance(context.original_route, APIRoute)
+        for method in context.methods or ()
     }
     assert spec_endpoints() == routes
 
