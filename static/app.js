@@ -117,6 +117,7 @@ async function loadModels() {
 }
 
 function fillModelPicker() {
+  if (!state.models) return; // still being listed; loadModels fills it
   const select = $("model");
   const current = state.conversation ? state.conversation.model : state.draft.model;
   select.replaceChildren();
@@ -612,6 +613,7 @@ async function follow(live, path, { body } = {}) {
       const dropped = err instanceof TypeError || err.type === "network_error";
       if (!dropped || !live.messageId || !state.caps.reattach || attempt >= 3) throw err;
       attempt += 1;
+      if (live.lastEventId === null) live.text = ""; // no position to resume from: the whole text again
       path = `/api/conversations/${live.conversationId}/messages/${live.messageId}/stream`;
       body = undefined;
     }
@@ -1001,8 +1003,8 @@ async function start() {
   });
   const models = loadModels().catch(showNotice);
   wire();
-  await Promise.all([caps, models, resetList()]);
-  await routeFromHash();
+  await Promise.all([caps, resetList()]); // the models may be slow to list: nothing else waits for them
+  await Promise.all([models, routeFromHash()]);
   document.body.dataset.ready = "true"; // for the browser tests: the first render is done
 }
 
