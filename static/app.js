@@ -988,7 +988,6 @@ function wire() {
     importFile(event.dataTransfer.files[0]);
   });
   window.addEventListener("hashchange", routeFromHash);
-  window.addEventListener("popstate", routeFromHash);
   new IntersectionObserver((entries) => {
     if (entries.some((e) => e.isIntersecting)) loadMore();
   }, { root: $("sidebar"), rootMargin: "200px" }).observe($("list-end"));
