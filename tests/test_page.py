@@ -3,7 +3,10 @@ on a loopback port, with the fake upstream standing in for the providers."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -549,3 +552,34 @@ def test_screenshots_of_the_main_states(
             context.close()
     for name in ("light", "dark", "phone", "phone-list"):
         assert (target / f"{name}.png").stat().st_size > 1000
+
+
+# --- getting the browser on a fresh machine -----------------------------------------------------
+
+
+def test_a_missing_browser_stops_the_run_saying_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # not root: no install attempted
+    with pytest.raises(pytest.exit.Exception) as stop:
+        chromium_path()
+    assert "apt-get install -y chromium" in str(stop.value) and stop.value.returncode == 1
+    assert "\n" not in str(stop.value)
+
+
+def test_as_root_with_apt_the_browser_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed: list[list[str]] = []
+
+    def which(name: str) -> str | None:
+        if name == "apt-get":
+            return "/usr/bin/apt-get"
+        return "/usr/bin/chromium" if ["apt-get", "install", "-y", "chromium"] in installed else None
+
+    def run(command: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        installed.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(shutil, "which", which)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(subprocess, "run", run)
+    assert chromium_path() == "/usr/bin/chromium"
+    assert installed == [["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]]
