@@ -305,7 +305,12 @@ function showTotals() {
       }
       if (typeof m.cost === "number") cost = (cost || 0) + m.cost;
     }
-    if (typeof conversation.cost === "number") cost = conversation.cost; // the server's total, all branches
+    const totals = conversation.totals; // the server's totals over every branch, where it keeps them
+    if (totals) {
+      input = totals.input_tokens || 0;
+      output = totals.output_tokens || 0;
+      cost = typeof totals.cost === "number" ? totals.cost : cost;
+    }
   }
   const parts = [];
   if (input || output) parts.push(`${input + output} tokens`);
@@ -396,7 +401,8 @@ function metaLine(m) {
   if (m.role === "assistant") {
     if (m.model) facts.push(m.model);
     if (m.usage && (m.usage.input_tokens !== null || m.usage.output_tokens !== null)) {
-      facts.push(`${m.usage.input_tokens ?? "?"} in / ${m.usage.output_tokens ?? "?"} out tokens`);
+      const about = m.usage.estimated ? "\u2248" : ""; // counted by the service's estimate
+      facts.push(`${about}${m.usage.input_tokens ?? "?"} in / ${m.usage.output_tokens ?? "?"} out tokens`);
     }
     if (typeof m.cost === "number") facts.push(formatCost(m.cost));
     if (m.status === "incomplete") facts.push(m.finish_reason === "stopped" ? "stopped" : "incomplete");
