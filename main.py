@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chat
 import importing
+import page
 import providers
 import usage
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
@@ -63,7 +64,7 @@ __version__ = "0.1.0"
 log = logging.getLogger("chat")
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-OPEN_PATHS = frozenset({"/api/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+OPEN_PATHS = frozenset({"/api/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"}) | page.OPEN_PATHS
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,39}$"
 BUILTIN_PROVIDERS = ("openai", "anthropic", "ollama")
 FALLBACK_MODELS = {
@@ -262,7 +263,7 @@ class Guard:
     - Origin: a browser request from another origin is refused unless CHAT_CORS_ORIGINS lists it.
     - Body size: a Content-Length over CHAT_MAX_BODY_BYTES gets 413 before the body is read;
       the one exception is `POST /api/import`, whose uploads are exports: CHAT_MAX_IMPORT_BYTES.
-    - Token: with CHAT_API_TOKEN set, every route but health and the docs needs it.
+    - Token: with CHAT_API_TOKEN set, every route but health, the docs and the page's files needs it.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
@@ -337,7 +338,7 @@ class Guard:
         length = headers.get("content-length", "0")
         if length.isdigit() and int(length) > self.body_limit(scope["path"])[0]:
             return error(413, self.too_large(scope["path"], length), "body_too_large")
-        if self.token is not None and scope["path"] not in OPEN_PATHS:
+        if self.token is not None and not is_open(scope["path"]):
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
                 return error(
@@ -355,6 +356,11 @@ class Guard:
         if not self.settings.loopback:
             return not self.hosts and bool(name)
         return name in LOOPBACK_NAMES or name.endswith(".localhost") or is_loopback(name)
+
+
+def is_open(path: str) -> bool:
+    """Paths served without the token: health, the API docs, and the page's files (they hold no data)."""
+    return path in OPEN_PATHS or path.startswith(page.OPEN_PREFIX)
 
 
 def host_name(host: str) -> str:
@@ -436,6 +442,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_routes(app)
     app.include_router(usage.router)
     app.include_router(importing.router)
+    app.include_router(page.router)
     return app
 
 

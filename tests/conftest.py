@@ -135,3 +135,6 @@ def stream_chat(client: TestClient, **body: Any) -> list[tuple[str, Any]]:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long reliability variants")
+    parser.addoption(
+        "--screenshots", action="store_true", help="write the page's screenshots to docs/screenshots/"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,9 +19,13 @@ def spec_endpoints() -> set[tuple[str, str]]:
 
 
 def test_spec_endpoint_table_matches_the_routes(client: TestClient) -> None:
-    # from the OpenAPI document: FastAPI 0.165 keeps an included router's routes out of `app.routes`
-    paths = client.get("/openapi.json").json()["paths"]
-    routes = {(method.upper(), path) for path, operations in paths.items() for method in operations}
+    # iter_route_contexts also walks routers added with include_router (FastAPI keeps them nested)
+    routes = {
+        (method, str(context.path))
+        for context in iter_route_contexts(client.app.routes)  # type: ignore[attr-defined]
+        if isinstance(context.original_route, APIRoute)
+        for method in context.methods or ()
+    }
     assert spec_endpoints() == routes
 
 

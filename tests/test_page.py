@@ -1,0 +1,585 @@
+"""The page in a real headless Chromium (Playwright driving Debian's `chromium`) against the service
+on a loopback port, with the fake upstream standing in for the providers."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from fastapi.testclient import TestClient
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+import main
+import page as page_module
+from tests.browser import CHROMIUM_ARGS, Served, Watch, browser_context, chromium_path
+from tests.conftest import TOKEN, settings_for
+from tests.fake_upstream import FakeUpstream, Reply
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "docs" / "screenshots"
+# Waits are for events, not time: generous bounds for a busy 2-core machine (SDK imports, CI).
+expect.set_options(timeout=30_000)
+
+
+# --- the page's headers, without a browser --------------------------------------------------------
+
+
+def test_page_and_files_carry_the_strict_headers(client: TestClient) -> None:
+    for path in ("/", "/static/app.js", "/static/vendor/purify.es.mjs", "/static/nope.js"):
+        response = client.get(path)
+        assert response.status_code == (404 if "nope" in path else 200), path
+        csp = response.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+    assert client.get("/").headers["content-type"] == "text/html; charset=utf-8"
+    assert client.get("/static/app.js").headers["content-type"] == "text/javascript; charset=utf-8"
+    assert client.get("/static/nope.js").json()["type"] == "not_found"
+
+
+def test_files_are_revalidated_by_etag(client: TestClient) -> None:
+    first = client.get("/static/style.css")
+    again = client.get("/static/style.css", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+def test_no_path_outside_static_is_served(client: TestClient) -> None:
+    for path in ("/static/../main.py", "/static/%2e%2e/main.py", "/static/vendor/../../SPEC.md", "/static/"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert b"def " not in response.content
+
+
+def test_page_needs_no_token_but_the_api_does(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(CHAT_API_TOKEN=TOKEN)
+    assert client.get("/").status_code == 200
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/api/conversations").status_code == 401
+    assert client.get("/api/conversations", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_the_page_loads_nothing_from_another_host() -> None:
+    for name, file in page_module.FILES.items():
+        if name.endswith((".html", ".css")) or name in ("app.js", "api.js", "render.js"):
+            text = file.body.decode()
+            assert not re.search(r"""(src|href)=["']?(https?:)?//""", text), name
+            assert not re.search(r"""url\(\s*["']?(https?:)?//""", text), name
+            assert not re.search(r"""import[^;]*from\s*["'](https?:)?//""", text), name
+    html = page_module.FILES["index.html"].body.decode()
+    assert "<script>" not in html, "inline script in index.html"
+    assert not re.search(r"<[^>]+\son[a-z]+=", html), "inline event handler in index.html"
+
+
+# --- browser fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@dataclass
+class App:
+    """The service, one browser tab on it, and an HTTP client for checking what reached the disk."""
+
+    served: Served
+    page: Page
+    watch: Watch
+    http: httpx2.Client
+    upstream: FakeUpstream
+    context: Any
+
+    def goto(self, fragment: str = "", *, ready: bool = True) -> None:
+        self.page.goto(self.served.url + "/" + fragment)
+        if ready:
+            expect(self.page.locator("body")).to_have_attribute("data-ready", "true")
+
+    def send(self, text: str) -> None:
+        self.page.locator("#input").fill(text)
+        self.page.locator("#input").press("Enter")
+
+    def wait_reply_done(self, count: int = 1) -> None:
+        replies = self.page.locator("#messages .msg.assistant")
+        expect(replies).to_have_count(count)
+        expect(replies.nth(count - 1)).not_to_have_attribute("data-status", "generating")
+        expect(self.page.locator("#send")).to_be_visible()
+
+    def conversations(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.http.get("/api/conversations").json()["items"]
+        return items
+
+
+@pytest.fixture
+def open_app(browser: Browser, upstream: FakeUpstream, data_dir: Path) -> Iterator[Callable[..., App]]:
+    """open_app(context options..., settings=...) -> an App with the page loaded (not yet ready)."""
+    opened: list[tuple[Served, Any, httpx2.Client]] = []
+
+    def open_(settings: dict[str, Any] | None = None, **options: Any) -> App:
+        settings = settings or {}
+        served = Served(main.create_app(settings_for(upstream, data_dir, **settings))).__enter__()
+        token = settings.get("CHAT_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        http = httpx2.Client(base_url=served.url, headers=headers, timeout=30)
+        manager = browser_context(browser, served.url, **options)
+        context, watch = manager.__enter__()
+        opened.append((served, manager, http))
+        return App(served, context.new_page(), watch, http, upstream, context)
+
+    yield open_
+    for served, manager, http in reversed(opened):
+        manager.__exit__(None, None, None)
+        http.close()
+        served.__exit__()
+
+
+@pytest.fixture
+def app(open_app: Callable[..., App]) -> App:
+    opened = open_app()
+    opened.goto()
+    return opened
+
+
+# --- chat -----------------------------------------------------------------------------------------
+
+MARKDOWN_REPLY = (
+    "Here is **bold** and a list:\n\n- one\n- two\n\n```python\ndef hello():\n    return 'hi'\n```\n\nDone."
+)
+
+
+def test_chat_streams_renders_markdown_and_saves(app: App) -> None:
+    app.upstream.script(Reply(text=MARKDOWN_REPLY, chunks=8, chunk_delay=0.15))
+    app.send("Show me some code")
+    reply = app.page.locator("#messages .msg.assistant").first
+    # while it streams: part of the text is on screen and the Stop button is offered
+    expect(app.page.locator("#stop")).to_be_visible()
+    expect(reply.locator(".content")).to_contain_text("Here is")
+    app.wait_reply_done()
+    expect(reply.locator(".content strong")).to_have_text("bold")
+    expect(reply.locator(".content li")).to_have_count(2)
+    code = reply.locator(".code pre code")
+    expect(code).to_have_class(re.compile(r"\bhljs\b"))
+    expect(code.locator(".hljs-keyword").first).to_have_text("def")
+    expect(reply.locator(".meta")).to_contain_text("out tokens")
+    expect(app.page.locator("#messages .msg.user .content")).to_have_text("Show me some code")
+    # on disk, and in the side list, and the address names the conversation
+    (item,) = app.conversations()
+    saved = app.http.get(f"/api/conversations/{item['id']}").json()
+    assert [m["content"] for m in saved["messages"]] == ["Show me some code", MARKDOWN_REPLY]
+    expect(app.page.locator("#conversations li")).to_have_count(1)
+    expect(app.page).to_have_url(re.compile(f"#c={item['id']}$"))
+    expect(app.page.locator("#title")).to_have_text(item["title"])
+    app.watch.assert_clean()
+
+
+def test_copy_button_copies_the_code(app: App) -> None:
+    app.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=app.served.url)
+    app.upstream.script(Reply(text="```\nprint('copied')\n```"))
+    app.send("code please")
+    app.wait_reply_done()
+    app.page.locator(".code .copy").click()
+    expect(app.page.locator(".code .copy")).to_have_text("Copied")
+    assert app.page.evaluate("navigator.clipboard.readText()") == "print('copied')\n"
+    app.watch.assert_clean()
+
+
+def test_a_reload_shows_the_conversation_from_the_address(app: App) -> None:
+    app.send("remember me")
+    app.wait_reply_done()
+    app.page.reload()
+    expect(app.page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(app.page.locator("#messages .msg")).to_have_count(2)
+    expect(app.page.locator("#messages .msg.assistant .content")).to_have_text("You said: remember me")
+    app.watch.assert_clean()
+
+
+def test_stop_ends_the_reply_and_keeps_what_was_written(app: App) -> None:
+    app.upstream.script(Reply(text=" ".join(f"w{i}" for i in range(200)), chunk_delay=0.05))
+    app.send("a long one")
+    reply = app.page.locator("#messages .msg.assistant").first
+    expect(reply.locator(".content")).to_contain_text("w3")
+    app.page.locator("#stop").click()
+    expect(app.page.locator("#send")).to_be_visible()
+    assert app.upstream.wait_closed(0, timeout=30) is not None  # the upstream stream was closed
+    expect(reply.locator(".meta")).to_contain_text(re.compile("stopped|incomplete"))
+    (item,) = app.conversations()
+
+    def saved_reply() -> dict[str, Any]:
+        message: dict[str, Any] = app.http.get(f"/api/conversations/{item['id']}").json()["messages"][-1]
+        return message
+
+    expect_eventually(lambda: saved_reply()["status"] == "incomplete" and saved_reply()["content"] != "")
+    text = saved_reply()["content"]
+    assert text.startswith("w0 w1 w2 w3") and not text.endswith("w199")
+
+
+def expect_eventually(check: Callable[[], bool], attempts: int = 300) -> None:
+    """Poll a condition that another thread makes true (the save after a disconnect)."""
+    import time
+
+    for _ in range(attempts):
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition never became true")
+
+
+def test_keyboard_only_send_with_shift_enter_for_a_new_line(app: App) -> None:
+    page = app.page
+    expect(page.locator("#input")).to_be_focused()
+    page.keyboard.type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    page.keyboard.press("Enter")
+    app.wait_reply_done()
+    expect(page.locator("#messages .msg.user .content")).to_have_text("first line\nsecond line")
+    # and the side list's entry can be reached and opened with the keyboard
+    page.locator("#new-chat").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#messages .msg")).to_have_count(0)
+    expect(page.locator("#input")).to_be_focused()
+    page.locator("#conversations a").first.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#messages .msg")).to_have_count(2)
+    app.watch.assert_clean()
+
+
+# --- models, settings, errors -------------------------------------------------------------------
+
+
+def test_model_picker_lists_models_and_says_what_to_set(open_app: Callable[..., App]) -> None:
+    app = open_app(settings={"ANTHROPIC_API_KEY": None})
+    app.goto()
+    picker = app.page.locator("#model")
+    expect(picker).to_have_value("openai/fake-gpt-1")
+    options = picker.locator("option")
+    texts = options.all_text_contents()
+    assert "openai/fake-gpt-1" in texts and "lmstudio/fake-gpt-1" in texts
+    unconfigured = picker.locator("option", has_text="set ANTHROPIC_API_KEY")
+    expect(unconfigured).to_have_count(1)
+    expect(unconfigured).to_be_disabled()
+    app.page.locator("#settings-toggle").click()
+    expect(app.page.locator("#model-hint")).to_contain_text(
+        "anthropic: set ANTHROPIC_API_KEY to use anthropic"
+    )
+    # choosing another model: the new chat goes to it
+    picker.select_option("lmstudio/fake-gpt-2")
+    app.send("which model?")
+    app.wait_reply_done()
+    (item,) = app.conversations()
+    assert item["model"] == "lmstudio/fake-gpt-2"
+    app.watch.assert_clean()
+
+
+def test_system_prompt_and_temperature_per_conversation(app: App) -> None:
+    page = app.page
+    page.locator("#settings-toggle").click()
+    page.locator("#system").fill("Answer like a pirate.")
+    page.locator("#temperature").fill("0.3")
+    page.locator("#settings-save").click()
+    app.send("hello")
+    app.wait_reply_done()
+    body = app.upstream.requests[-1].body
+    assert body["temperature"] == 0.3
+    assert body["messages"][0] == {"role": "system", "content": "Answer like a pirate."}
+    (item,) = app.conversations()
+    # change them on the open conversation: stored on it, and used by the next turn
+    page.locator("#system").fill("Answer briefly.")
+    page.locator("#temperature").fill("1.1")
+    page.locator("#settings-save").click()
+    expect(page.locator("#settings-status")).to_have_text("Saved.")
+    stored = app.http.get(f"/api/conversations/{item['id']}").json()
+    assert stored["system"] == "Answer briefly." and stored["params"]["temperature"] == 1.1
+    app.send("again")
+    app.wait_reply_done(2)
+    body = app.upstream.requests[-1].body
+    assert body["temperature"] == 1.1 and body["messages"][0]["content"] == "Answer briefly."
+    app.watch.assert_clean()
+
+
+def test_an_unconfigured_provider_says_what_to_set_and_keeps_the_message(
+    open_app: Callable[..., App],
+) -> None:
+    app = open_app(settings={"OPENAI_API_KEY": None})
+    app.goto()
+    app.send("hello there")
+    notice = app.page.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("This provider is not configured")
+    expect(notice).to_contain_text("OPENAI_API_KEY")
+    expect(app.page.locator("#input")).to_have_value("hello there")
+    expect(app.page.locator("#messages .msg")).to_have_count(0)
+    assert app.conversations() == []
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (Reply(status=429, headers={"retry-after": "7"}), "The provider is rate limiting"),
+        (Reply(status=401), "The provider refused the API key"),
+        (Reply(mode="midstream_error", text="half of it then"), "Something went wrong|provider"),
+    ],
+    ids=["rate_limited", "auth_failed", "midstream"],
+)
+def test_each_error_type_gets_a_clear_message(app: App, reply: Reply, expected: str) -> None:
+    app.upstream.script(reply, reply, reply)
+    app.send("trouble")
+    notice = app.page.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text(re.compile(expected))
+    expect(app.page.locator("#send")).to_be_visible()
+    expect(app.page.locator("#messages .msg.assistant .msg-error")).to_have_count(1)
+
+
+# --- the side list ------------------------------------------------------------------------------
+
+
+def test_list_is_newest_first_and_pages_as_you_scroll(open_app: Callable[..., App]) -> None:
+    app = open_app(viewport={"width": 1000, "height": 500})
+    for n in range(45):
+        created = app.http.post("/api/conversations", json={"title": f"chat {n:02d}"})
+        assert created.status_code == 201
+    app.goto()
+    links = app.page.locator("#conversations a")
+    expect(links).to_have_count(30)
+    assert links.first.text_content() == "chat 44"
+    links.nth(29).scroll_into_view_if_needed()
+    expect(links).to_have_count(45)
+    assert links.all_text_contents() == [f"chat {n:02d}" for n in range(44, -1, -1)]
+    app.watch.assert_clean()
+
+
+def test_new_chat_rename_and_delete_with_confirmation(app: App) -> None:
+    page = app.page
+    app.send("first chat")
+    app.wait_reply_done()
+    page.locator("#new-chat").click()
+    expect(page.locator("#title")).to_have_text("New chat")
+    app.send("second chat")
+    app.wait_reply_done()
+    expect(page.locator("#conversations li")).to_have_count(2)
+    expect(page.locator("#conversations a").first).to_have_text("second chat")
+    # rename
+    page.locator("#rename").click()
+    page.locator("#rename-input").fill("Renamed")
+    page.locator("#rename-input").press("Enter")
+    expect(page.locator("#title")).to_have_text("Renamed")
+    expect(page.locator("#conversations a").first).to_have_text("Renamed")
+    assert [c["title"] for c in app.conversations()] == ["Renamed", "first chat"]
+    # delete: cancel first, then confirm
+    page.locator("#delete").click()
+    expect(page.locator("#confirm-dialog")).to_be_visible()
+    expect(page.locator("#confirm-message")).to_contain_text("Renamed")
+    page.locator("#confirm-cancel").click()
+    assert len(app.conversations()) == 2
+    page.locator("#delete").click()
+    page.locator("#confirm-ok").click()
+    expect(page.locator("#conversations li")).to_have_count(1)
+    expect(page.locator("#title")).to_have_text("New chat")
+    assert [c["title"] for c in app.conversations()] == ["first chat"]
+    app.watch.assert_clean()
+
+
+# --- token mode ---------------------------------------------------------------------------------
+
+
+def test_token_mode_asks_once_per_session_and_says_when_it_is_wrong(open_app: Callable[..., App]) -> None:
+    app = open_app(settings={"CHAT_API_TOKEN": TOKEN})
+    app.http.post("/api/conversations", json={"title": "secret chat"})
+    app.goto(ready=False)
+    dialog = app.page.locator("#token-dialog")
+    expect(dialog).to_be_visible()
+    expect(app.page.locator("#conversations li")).to_have_count(0)
+    app.page.locator("#token-input").fill("not-the-right-token-at-all")
+    app.page.locator("#token-input").press("Enter")
+    expect(app.page.locator("#token-message")).to_contain_text("That token was refused")
+    app.page.locator("#token-input").fill(TOKEN)
+    app.page.locator("#token-input").press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(app.page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(app.page.locator("#conversations a")).to_have_text(["secret chat"])
+    app.send("with a token")
+    app.wait_reply_done()
+    # a reload in the same tab keeps it; a new browser session asks again
+    app.page.reload()
+    expect(app.page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(dialog).to_be_hidden()
+    fresh = app.context.browser.new_context()
+    try:
+        other = fresh.new_page()
+        other.goto(app.served.url + "/")
+        expect(other.locator("#token-dialog")).to_be_visible()
+    finally:
+        fresh.close()
+    assert app.watch.page_errors == [] and app.watch.foreign_requests == []
+
+
+# --- untrusted text stays inert -----------------------------------------------------------------
+
+XSS_REPLY = "\n\n".join(
+    [
+        "<script>window.__xss = 'script'</script>",
+        "<img src=x onerror=\"window.__xss = 'img'\">",
+        "![pixel](http://198.51.100.7/track.png)",
+        "[click](javascript:window.__xss='link')",
+        "<a href=\"javascript:window.__xss='a'\">a</a>",
+        "<svg onload=\"window.__xss='svg'\"></svg>",
+        "<iframe srcdoc=\"<script>parent.__xss='iframe'</script>\"></iframe>",
+        "<style>body{background:url(http://198.51.100.7/bg.png)}</style>",
+        "[ok link](https://example.org/page)",
+        "```html\n<script>window.__xss = 'code'</script>\n```",
+    ]
+)
+XSS_TITLE = "<img src=x onerror=\"window.__xss='title'\"><script>window.__xss='title2'</script>"
+
+
+def test_xss_in_a_reply_and_a_title_renders_inert(open_app: Callable[..., App]) -> None:
+    app = open_app()
+    created = app.http.post("/api/conversations", json={"title": XSS_TITLE}).json()
+    app.upstream.script(Reply(text=XSS_REPLY))
+    app.goto(f"#c={created['id']}")
+    expect(app.page.locator("#title")).to_have_text(XSS_TITLE)
+    expect(app.page.locator("#conversations a").first).to_have_text(XSS_TITLE)
+    app.send("be evil")
+    app.wait_reply_done()
+    content = app.page.locator("#messages .msg.assistant .content")
+    expect(content).to_contain_text("ok link")
+    for tag in ("script", "img", "svg", "iframe", "style"):
+        assert content.locator(tag).count() == 0, tag
+    assert app.page.locator("body script:not([src]), body img, body iframe").count() == 0
+    assert app.page.evaluate("window.__xss") is None
+    for link in content.locator("a").all():
+        href = link.get_attribute("href") or ""
+        assert not href.lower().startswith("javascript"), href
+        assert link.get_attribute("rel") == "noopener noreferrer"
+        assert link.get_attribute("target") == "_blank"
+    # the payloads are shown as text, and the code block keeps its text
+    expect(content.locator(".code code")).to_contain_text("<script>window.__xss = 'code'</script>")
+    expect(content).to_contain_text("<script>window.__xss = 'script'</script>")
+    app.page.reload()
+    expect(app.page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(app.page.locator("#messages .msg.assistant")).to_have_count(1)
+    assert app.page.evaluate("window.__xss") is None
+    app.watch.assert_clean()
+
+
+# --- layouts ------------------------------------------------------------------------------------
+
+
+def test_a_phone_sized_screen(open_app: Callable[..., App]) -> None:
+    app = open_app(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    app.http.post("/api/conversations", json={"title": "on the phone"})
+    app.goto()
+    page = app.page
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    expect(page.locator("#sidebar")).not_to_be_in_viewport()
+    expect(page.locator("#input")).to_be_in_viewport()
+    page.locator("#open-sidebar").click()
+    expect(page.locator("#sidebar")).to_be_in_viewport()
+    page.locator("#conversations a", has_text="on the phone").click()
+    expect(page.locator("#title")).to_have_text("on the phone")
+    expect(page.locator("#sidebar")).not_to_be_in_viewport()
+    app.send("hi from a phone")
+    app.wait_reply_done()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    app.watch.assert_clean()
+
+
+@pytest.mark.parametrize(("scheme", "dark"), [("light", False), ("dark", True)])
+def test_light_and_dark_follow_the_system(open_app: Callable[..., App], scheme: str, dark: bool) -> None:
+    app = open_app(color_scheme=scheme)
+    app.goto()
+    background = app.page.evaluate("getComputedStyle(document.body).backgroundColor")
+    channels = [int(c) for c in re.findall(r"\d+", background)[:3]]
+    assert (sum(channels) < 150) == dark, background
+    app.watch.assert_clean()
+
+
+# --- screenshots (written to docs/screenshots/ only with --screenshots) ------------------------------
+
+SHOT_REPLY = (
+    "Sure. A **list comprehension** builds the list in one expression:\n\n"
+    "```python\nsquares = [n * n for n in range(10) if n % 2 == 0]\n"
+    "print(squares)  # [0, 4, 16, 36, 64]\n```\n\n"
+    "It reads left to right: *what* to keep, *where* it comes from, and *which* items pass."
+)
+
+
+def test_screenshots_of_the_main_states(
+    open_app: Callable[..., App], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    target = SHOTS if request.config.getoption("--screenshots") else tmp_path
+    target.mkdir(parents=True, exist_ok=True)
+    shots: list[tuple[str, dict[str, Any]]] = [
+        ("light", {"color_scheme": "light", "viewport": {"width": 1200, "height": 760}}),
+        ("dark", {"color_scheme": "dark", "viewport": {"width": 1200, "height": 760}}),
+        ("phone", {"color_scheme": "light", "viewport": {"width": 390, "height": 760}, "is_mobile": True}),
+    ]
+    first = open_app(**shots[0][1])
+    for title in ("Trip to Lisbon", "SQL window functions", "Bread recipe"):
+        first.http.post("/api/conversations", json={"title": title})
+    first.upstream.script(Reply(text=SHOT_REPLY))
+    first.goto()
+    first.send("How do list comprehensions work in Python?")
+    first.wait_reply_done()
+    fragment = first.page.url.split("/", 3)[3]
+    first.page.screenshot(path=str(target / "light.png"))
+    for name, options in shots[1:]:
+        context = first.context.browser.new_context(**options)
+        try:
+            page = context.new_page()
+            page.goto(first.served.url + "/" + fragment)
+            expect(page.locator("body")).to_have_attribute("data-ready", "true")
+            expect(page.locator("#messages .msg")).to_have_count(2)
+            page.screenshot(path=str(target / f"{name}.png"))
+            if name == "phone":
+                page.locator("#open-sidebar").click()
+                expect(page.locator("#sidebar")).to_be_in_viewport()
+                page.screenshot(path=str(target / "phone-list.png"))
+        finally:
+            context.close()
+    for name in ("light", "dark", "phone", "phone-list"):
+        assert (target / f"{name}.png").stat().st_size > 1000
+
+
+# --- getting the browser on a fresh machine -----------------------------------------------------
+
+
+def test_a_missing_browser_stops_the_run_saying_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # not root: no install attempted
+    with pytest.raises(pytest.exit.Exception) as stop:
+        chromium_path()
+    assert "apt-get install -y chromium" in str(stop.value) and stop.value.returncode == 1
+    assert "\n" not in str(stop.value)
+
+
+def test_as_root_with_apt_the_browser_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed: list[list[str]] = []
+
+    def which(name: str) -> str | None:
+        if name == "apt-get":
+            return "/usr/bin/apt-get"
+        return "/usr/bin/chromium" if ["apt-get", "install", "-y", "chromium"] in installed else None
+
+    def run(command: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        installed.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(shutil, "which", which)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(subprocess, "run", run)
+    assert chromium_path() == "/usr/bin/chromium"
+    assert installed == [["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]]
