@@ -105,7 +105,7 @@ class Guard:
     """Refuse requests a browser could forge or a stranger could send.
 
     - Client: when bound to loopback (and not CHAT_ALLOW_REMOTE) only loopback peers are served.
-    - Headers it judges appear once; Host is parsed strictly.
+    - Headers total at most `max_header_bytes`; those it judges appear once; Host is parsed strictly.
     - Host: when bound to loopback only loopback names are served (DNS rebinding, Ollama
       CVE-2024-28224); CHAT_ALLOWED_HOSTS adds names.
     - Origin and Sec-Fetch-Site: a browser request from another origin or site is refused unless
@@ -124,6 +124,7 @@ class Guard:
         allowed_hosts: Collection[str],
         cors_origins: Collection[str],
         max_body_bytes: int,
+        max_header_bytes: int,
         token: str | None,
         open_paths: Collection[str],
         render: RefusalRenderer = render_refusal,
@@ -135,6 +136,7 @@ class Guard:
         self.hosts = {h.lower() for h in allowed_hosts}
         self.origins = set(cors_origins)
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
         self.token = token.encode() if token is not None else None
         self.open_paths = tuple(open_paths)
         self.render = render
@@ -185,6 +187,13 @@ class Guard:
 
     def refuse(self, scope: Scope) -> Refusal | None:
         """The first check this request fails, in the order SPEC.md §3.1 lists them; None if none."""
+        size = sum(len(key) + len(value) + 4 for key, value in scope["headers"])  # "k: v\r\n"
+        if size > self.max_header_bytes:
+            return Refusal(
+                431,
+                f"the request's headers are {size} bytes; the limit is {self.max_header_bytes} bytes",
+                "headers_too_large",
+            )
         headers: dict[str, str] = {}
         for key, value in scope["headers"]:
             name = key.decode("latin-1").lower()

@@ -370,6 +370,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allowed_hosts=settings.allowed_hosts,
         cors_origins=settings.cors_origins,
         max_body_bytes=settings.max_body_bytes,
+        max_header_bytes=MAX_HEADER_BYTES,
         token=token,
         open_paths=OPEN_PATHS,
         render=render_refusal,
@@ -670,7 +671,8 @@ class BelowInfoDropped(logging.Filter):
 
 
 class PathOnly(logging.Filter):
-    """An access-log line names the path without its query string (which may carry a secret)."""
+    """An access-log line names the path without its query string (which may carry a secret); uvicorn
+    logs a websocket's access line on `uvicorn.error`, so both loggers get it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -688,7 +690,8 @@ def quiet_uvicorn_logs() -> None:
     """Filters that hold whatever level uvicorn later sets on its loggers (`--log-level debug` too)."""
     for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi", "websockets"):
         add_filter_once(name, BelowInfoDropped)
-    add_filter_once("uvicorn.access", PathOnly)
+    for name in ("uvicorn.error", "uvicorn.access"):
+        add_filter_once(name, PathOnly)
 
 
 def configure_logging(level: str) -> None:
