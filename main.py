@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hmac
-import ipaddress
 import logging
+import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
@@ -23,6 +22,8 @@ import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.staticfiles import StaticFiles
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,17 +33,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 import chat
 import importing
 import page
 import providers
+import schemas
 import usage
+from guard import Guard, is_loopback, render_refusal
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
 from schemas import (
     ChatIn,
@@ -63,8 +66,14 @@ __version__ = "0.1.0"
 
 log = logging.getLogger("chat")
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+PROJECT_DIR = Path(__file__).resolve().parent  # the default data dir and `.env` live beside main.py
+ENV_FILE = PROJECT_DIR / ".env"
+SWAGGER_UI_DIR = swagger_ui_path  # the swagger-ui-bundle-v2 wheel: Swagger UI 5.31.0, Apache-2.0
+DOCS_ASSETS = "/docs/assets/"
 OPEN_PATHS = frozenset({"/api/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"}) | page.OPEN_PATHS
+OPEN_PREFIXES = (DOCS_ASSETS, page.OPEN_PREFIX)  # files that hold no data: the docs' and the page's
+# A request's headers may total this much; more is refused before it is buffered (h11, see main()).
+MAX_HEADER_BYTES = 64 * 1024
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,39}$"
 BUILTIN_PROVIDERS = ("openai", "anthropic", "ollama")
 FALLBACK_MODELS = {
@@ -104,40 +113,88 @@ def split_list(value: Any) -> Any:
     return value
 
 
+def json_object(value: Any) -> Any:
+    """Parse a JSON object setting here, so that a syntax error is reported like any bad value."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"is not valid JSON ({exc})") from None
+
+
+def under_project(path: Path) -> Path:
+    """A relative path is taken from the project folder, wherever the service is started from."""
+    return path if path.is_absolute() else PROJECT_DIR / path
+
+
 class Settings(BaseSettings):
     """Every setting, from the environment or `.env`; a bad value stops start-up with a clear message."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", populate_by_name=True, env_ignore_empty=True
+        env_file=ENV_FILE, extra="ignore", populate_by_name=True, env_ignore_empty=True
     )
 
-    host: str = Field("127.0.0.1", alias="CHAT_HOST")
-    port: int = Field(8000, alias="CHAT_PORT", ge=1, le=65535)
-    data_dir: Path = Field(Path("data"), alias="CHAT_DATA_DIR")
-    default_model: str | None = Field(None, alias="CHAT_DEFAULT_MODEL", pattern=r"^[^/\s]+/\S+$")
-    api_token: SecretStr | None = Field(None, alias="CHAT_API_TOKEN", min_length=16)
-    allow_remote: bool = Field(False, alias="CHAT_ALLOW_REMOTE")
-    allowed_hosts: Annotated[list[str], NoDecode] = Field([], alias="CHAT_ALLOWED_HOSTS")
-    cors_origins: Annotated[list[str], NoDecode] = Field([], alias="CHAT_CORS_ORIGINS")
-    max_body_bytes: int = Field(1_048_576, alias="CHAT_MAX_BODY_BYTES", ge=1024)
-    max_import_bytes: int = Field(2 * 1024**3, alias="CHAT_MAX_IMPORT_BYTES", ge=1024)
-    stream_idle_timeout: float = Field(120.0, alias="CHAT_STREAM_IDLE_TIMEOUT", gt=0)
-    shutdown_timeout: float = Field(5.0, alias="CHAT_SHUTDOWN_TIMEOUT", ge=0)
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", alias="CHAT_LOG_LEVEL")
-    openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
-    openai_base_url: str = Field("https://api.openai.com/v1", alias="OPENAI_BASE_URL", pattern=r"^https?://")
-    anthropic_api_key: SecretStr | None = Field(None, alias="ANTHROPIC_API_KEY")
-    anthropic_base_url: str = Field(
-        "https://api.anthropic.com", alias="ANTHROPIC_BASE_URL", pattern=r"^https?://"
+    host: str = Field("127.0.0.1", alias="CHAT_HOST", examples=["127.0.0.1"])
+    port: int = Field(8000, alias="CHAT_PORT", ge=1, le=65535, examples=["8000"])
+    data_dir: Path = Field(PROJECT_DIR / "data", alias="CHAT_DATA_DIR", examples=["/home/you/chat-data"])
+    default_model: str | None = Field(
+        None, alias="CHAT_DEFAULT_MODEL", pattern=r"^[^/\s]+/\S+$", examples=["ollama/llama3.2"]
     )
-    ollama_base_url: str = Field("http://127.0.0.1:11434/v1", alias="OLLAMA_BASE_URL", pattern=r"^https?://")
-    servers: dict[str, Server] = Field({}, alias="CHAT_SERVERS")
+    api_token: SecretStr | None = Field(
+        None, alias="CHAT_API_TOKEN", min_length=16, examples=["$(openssl rand -hex 16)"]
+    )
+    allow_remote: bool = Field(False, alias="CHAT_ALLOW_REMOTE", examples=["false"])
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        [], alias="CHAT_ALLOWED_HOSTS", examples=["chat.home.arpa,other.home.arpa"]
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], alias="CHAT_CORS_ORIGINS", examples=["http://localhost:5173"]
+    )
+    max_body_bytes: int = Field(1_048_576, alias="CHAT_MAX_BODY_BYTES", ge=1024, examples=["1048576"])
+    stream_idle_timeout: float = Field(120.0, alias="CHAT_STREAM_IDLE_TIMEOUT", gt=0, examples=["120"])
+    shutdown_timeout: float = Field(5.0, alias="CHAT_SHUTDOWN_TIMEOUT", ge=0, examples=["5"])
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", alias="CHAT_LOG_LEVEL", examples=["info"]
+    )
+    openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY", examples=["sk-..."])
+    openai_base_url: str = Field(
+        "https://api.openai.com/v1",
+        alias="OPENAI_BASE_URL",
+        pattern=r"^https?://",
+        examples=["https://api.openai.com/v1"],
+    )
+    anthropic_api_key: SecretStr | None = Field(None, alias="ANTHROPIC_API_KEY", examples=["sk-ant-..."])
+    anthropic_base_url: str = Field(
+        "https://api.anthropic.com",
+        alias="ANTHROPIC_BASE_URL",
+        pattern=r"^https?://",
+        examples=["https://api.anthropic.com"],
+    )
+    ollama_base_url: str = Field(
+        "http://127.0.0.1:11434/v1",
+        alias="OLLAMA_BASE_URL",
+        pattern=r"^https?://",
+        examples=["http://127.0.0.1:11434/v1"],
+    )
+    servers: Annotated[dict[str, Server], NoDecode] = Field(
+        {},
+        alias="CHAT_SERVERS",
+        examples=["""'{"lmstudio": "http://127.0.0.1:1234/v1"}'"""],
+    )
+    max_import_bytes: int = Field(
+        2 * 1024**3, alias="CHAT_MAX_IMPORT_BYTES", ge=1024, examples=["2147483648"]
+    )
     rate_limit: str | None = Field(None, alias="CHAT_RATE_LIMIT", examples=["30/minute"])
-    max_concurrent_generations: int | None = Field(None, alias="CHAT_MAX_CONCURRENT_GENERATIONS", ge=1)
-    budgets: usage.Budgets = Field({}, alias="CHAT_BUDGETS")
-    prices: dict[str, usage.PriceSetting] = Field({}, alias="CHAT_PRICES")
+    max_concurrent_generations: int | None = Field(
+        None, alias="CHAT_MAX_CONCURRENT_GENERATIONS", ge=1, examples=["4"]
+    )
+    budgets: usage.Budgets = Field({}, alias="CHAT_BUDGETS", examples=["""'{"openai": {"month": 20}}'"""])
+    prices: dict[str, usage.PriceSetting] = Field({}, alias="CHAT_PRICES", examples=["""'{"ollama/*": 0}'"""])
 
     _split = field_validator("allowed_hosts", "cors_origins", mode="before")(split_list)
+    _json = field_validator("servers", mode="before")(json_object)
+    _under_project = field_validator("data_dir")(under_project)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -186,22 +243,59 @@ def providers_name_ok(name: str) -> bool:
     return re.fullmatch(NAME_PATTERN, name) is not None
 
 
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+class SettingsProblem(Exception):
+    """Settings that cannot work: one line per problem, each naming its variable."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+SECRET_SETTINGS = frozenset({"CHAT_API_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "CHAT_SERVERS"})
+SETTING_WORDS = {
+    "int_parsing": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "too_short": "must be at least {min_length} characters",
+    "string_too_short": "must be at least {min_length} characters",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}",
+    "literal_error": "must be one of {expected}",
+    "string_pattern_mismatch": "does not have the right form",
+    "extra_forbidden": "is not a known key (a server takes base_url and api_key)",
+    "missing": "is missing",
+}
+
+
+def setting_problem(error: Mapping[str, Any]) -> str:
+    """`Invalid setting NAME: what was wrong; e.g. NAME=good value` (a secret's value is never shown)."""
+    variable, *inner = [str(part) for part in error["loc"]]
+    words = SETTING_WORDS.get(error["type"])
+    what = words.format(**error.get("ctx", {})) if words else str(error["msg"]).removeprefix("Value error, ")
+    where = f" ({'.'.join(inner)})" if inner else ""
+    given = error.get("input")
+    if variable not in SECRET_SETTINGS and not inner and isinstance(given, str | int | float):
+        what = f"{given!r} {what}"
+    examples = next((f.examples for f in Settings.model_fields.values() if f.alias == variable), None)
+    example = f"; e.g. {variable}={examples[0]}" if examples else ""
+    return f"Invalid setting {variable}{where}: {what}{example}"
 
 
 def load_settings() -> Settings:
-    """Settings from the environment, or exit with a message naming each bad value."""
+    """Settings from the environment and the project's `.env`; `SettingsProblem` names each bad value."""
     try:
         return Settings()
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise SystemExit("Invalid settings (environment or .env):\n" + "\n".join(lines)) from None
+        raise SettingsProblem([setting_problem(e) for e in exc.errors()]) from None
+    except SettingsError as exc:  # e.g. a `.env` line pydantic-settings cannot parse
+        raise SettingsProblem([f"Invalid settings in the environment or {ENV_FILE}: {exc}"]) from None
+
+
+def exit_for(problem: SettingsProblem) -> SystemExit:
+    """Print the problem, one line each, and exit with status 2 (a usage error), no traceback."""
+    print("\n".join(problem.lines), file=sys.stderr)
+    return SystemExit(2)
 
 
 def build_providers(settings: Settings) -> ProviderTable:
@@ -252,130 +346,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# --- security: pure ASGI so client disconnects still reach the routes ----------------------------
-
-
-class Guard:
-    """Refuse requests a browser could forge or a stranger could send.
-
-    - Host: when bound to loopback only loopback names are served (DNS rebinding, Ollama
-      CVE-2024-28224); CHAT_ALLOWED_HOSTS adds names.
-    - Origin: a browser request from another origin is refused unless CHAT_CORS_ORIGINS lists it.
-    - Body size: a Content-Length over CHAT_MAX_BODY_BYTES gets 413 before the body is read;
-      the one exception is `POST /api/import`, whose uploads are exports: CHAT_MAX_IMPORT_BYTES.
-    - Token: with CHAT_API_TOKEN set, every route but health, the docs and the page's files needs it.
-    """
-
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-        self.token = settings.api_token.get_secret_value().encode() if settings.api_token else None
-        self.hosts = {h.lower() for h in settings.allowed_hosts}
-        self.origins = set(settings.cors_origins)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        refusal = self.refuse(scope, headers)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
-        await self.app(scope, self.limit_body(receive, scope["path"]), send)
-
-    def body_limit(self, path: str) -> tuple[int, str]:
-        """The largest body a path takes, and the setting that says so."""
-        if path == importing.IMPORT_PATH:  # exports are large; the route streams them to disk
-            return self.settings.max_import_bytes, "CHAT_MAX_IMPORT_BYTES"
-        return self.settings.max_body_bytes, "CHAT_MAX_BODY_BYTES"
-
-    def limit_body(self, receive: Receive, path: str) -> Receive:
-        """Count a body sent without Content-Length; past the limit the route gets a 413 (JSON)."""
-        received = 0
-        limit = self.body_limit(path)[0]
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise HTTPException(413, self.too_large(path))
-            return message
-
-        return counted
-
-    def too_large(self, path: str, size: str = "") -> str:
-        limit, setting = self.body_limit(path)
-        what = f"request body is {size} bytes" if size else "request body is too large"
-        return f"{what}; the limit is {limit} bytes ({setting})"
-
-    def refuse(self, scope: Scope, headers: dict[str, str]) -> Response | None:
-        peer = (scope.get("client") or ("", 0))[0]
-        if self.settings.loopback and not self.settings.allow_remote and not is_loopback(peer):
-            # e.g. `uvicorn main:app --host 0.0.0.0`, which skips main()'s refusal
-            return error(
-                403,
-                f"requests from {peer or 'an unknown address'} are refused: CHAT_HOST is "
-                f"{self.settings.host}, so this service answers this machine only; set CHAT_HOST and "
-                f"CHAT_API_TOKEN to serve others",
-                "forbidden_client",
-            )
-        host = headers.get("host", "")
-        if not self.host_ok(host):
-            return error(
-                403, f"requests for host {host!r} are refused; add it to CHAT_ALLOWED_HOSTS", "forbidden_host"
-            )
-        origin = headers.get("origin")
-        if origin is not None and origin not in self.origins and not same_origin(origin, host):
-            return error(
-                403,
-                f"cross-origin requests from {origin!r} are refused; add it to CHAT_CORS_ORIGINS",
-                "forbidden_origin",
-            )
-        if scope["method"] == "OPTIONS" and origin is not None:
-            return None  # CORS preflight carries no credentials
-        length = headers.get("content-length", "0")
-        if length.isdigit() and int(length) > self.body_limit(scope["path"])[0]:
-            return error(413, self.too_large(scope["path"], length), "body_too_large")
-        if self.token is not None and not is_open(scope["path"]):
-            scheme, _, given = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
-                return error(
-                    401,
-                    "missing or wrong token: send the header 'Authorization: Bearer <CHAT_API_TOKEN>'",
-                    "unauthorized",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return None
-
-    def host_ok(self, host: str) -> bool:
-        name = host_name(host)
-        if name in self.hosts:
-            return True
-        if not self.settings.loopback:
-            return not self.hosts and bool(name)
-        return name in LOOPBACK_NAMES or name.endswith(".localhost") or is_loopback(name)
-
-
-def is_open(path: str) -> bool:
-    """Paths served without the token: health, the API docs, and the page's files (they hold no data)."""
-    return path in OPEN_PATHS or path.startswith(page.OPEN_PREFIX)
-
-
-def host_name(host: str) -> str:
-    """The name in a Host header, without the port: `[::1]:8000` -> `::1`."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else ""
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def same_origin(origin: str, host: str) -> bool:
-    scheme, _, rest = origin.partition("://")
-    return scheme in ("http", "https") and rest.lower() == host.strip().lower()
-
-
 # --- the app ------------------------------------------------------------------------------------
 
 
@@ -385,6 +355,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store: Store = app.state.store
     if not logging.getLogger().handlers:  # started as `uvicorn main:app`
         configure_logging(settings.log_level)
+    quiet_uvicorn_logs()  # again: `uvicorn main:app` configured its loggers after our import
     if problem := exposure_problem(settings):  # `uvicorn main:app` skips main()
         log.error(problem)
         raise SystemExit(problem)
@@ -392,6 +363,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store.open()
     warming = asyncio.create_task(store.warm_index())  # the first listing need not wait for the scan
     log.info("conversations are kept in %s", store.conversations.resolve())
+    log.info("settings from the environment and %s%s", ENV_FILE, "" if ENV_FILE.exists() else " (absent)")
     for provider in app.state.providers.values():
         log.info("provider %-10s %s", provider.name, provider.hint)
     log.info("default model: %s", app.state.default_model)
@@ -417,6 +389,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "every conversation kept on disk.",
         lifespan=lifespan,
         responses=ERRORS,
+        docs_url=None,  # served by add_docs, from the project's own copy of Swagger UI
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store = Store(settings.data_dir)
@@ -430,20 +404,72 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_concurrent=settings.max_concurrent_generations,
         budgets=settings.budgets,
     )
-    if settings.cors_origins:
+    token = settings.api_token.get_secret_value() if settings.api_token is not None else None
+    app.add_middleware(
+        Guard,
+        host=settings.host,
+        allow_remote=settings.allow_remote,
+        allowed_hosts=settings.allowed_hosts,
+        cors_origins=settings.cors_origins,
+        max_body_bytes=settings.max_body_bytes,
+        max_header_bytes=MAX_HEADER_BYTES,
+        token=token,
+        open_paths=OPEN_PATHS,
+        open_prefixes=OPEN_PREFIXES,
+        body_limits={importing.IMPORT_PATH: (settings.max_import_bytes, "CHAT_MAX_IMPORT_BYTES")},
+        render=render_refusal,
+    )
+    if settings.cors_origins:  # added last, so outermost: Guard's refusals carry CORS headers too
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(Guard, settings=settings)
     add_error_handlers(app)
     add_routes(app)
     app.include_router(usage.router)
     app.include_router(importing.router)
     app.include_router(page.router)
+    add_docs(app, token_required=token is not None)
     return app
+
+
+def add_docs(app: FastAPI, *, token_required: bool) -> None:
+    """/docs from the pinned swagger-ui-bundle-v2 package (no CDN), and the bearer scheme in OpenAPI."""
+    app.mount(DOCS_ASSETS.rstrip("/"), StaticFiles(directory=SWAGGER_UI_DIR), name="docs-assets")
+
+    async def docs(request: Request) -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url=f"{DOCS_ASSETS}swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}favicon-32x32.png",
+        )
+
+    async def oauth2_redirect(request: Request) -> Response:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    app.add_route("/docs", docs, include_in_schema=False)
+    app.add_route("/docs/oauth2-redirect", oauth2_redirect, include_in_schema=False)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            components = schema.setdefault("components", {})
+            components["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "the CHAT_API_TOKEN"}
+            }
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    operation["security"] = (
+                        [] if path in OPEN_PATHS or not token_required else [{"bearer": []}]
+                    )
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -463,21 +489,73 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        kinds = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        # FastAPI's only 400 is a body it could not parse (json_invalid is a validation error)
+        kinds = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         detail = exc.detail
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}; see /docs for the API"
+        if exc.status_code == 400:
+            detail = unparsable_body(exc.__cause__)
         return error(exc.status_code, str(detail), kinds.get(exc.status_code, "http_error"), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        if not json_body(request.headers) and any(tuple(e["loc"])[:1] == ("body",) for e in exc.errors()):
+            return error(415, not_json(request.headers.get("content-type")), "unsupported_media_type")
+        table: ProviderTable = request.app.state.providers
+        errors = [{"loc": e["loc"], "msg": explain(e, table), "type": e["type"]} for e in exc.errors()]
         return JSON({"detail": jsonable_encoder(errors), "type": "invalid_request"}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return error(500, "internal error; the server log has the details", "internal_error")
+
+
+JSON_EXAMPLE = """curl --json '{"message": "Hello"}' localhost:8000/api/chat"""
+
+
+def json_body(headers: Mapping[str, str]) -> bool:
+    """Is there no body, or one declared JSON (`application/json` or `application/*+json`)?"""
+    if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+        return True
+    media = headers.get("content-type", "").partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def not_json(content_type: str | None) -> str:
+    given = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+    return (
+        f"the body must be JSON sent with the header 'Content-Type: application/json' (got {given}); "
+        f"e.g. {JSON_EXAMPLE}"
+    )
+
+
+def unparsable_body(cause: BaseException | None) -> str:
+    why = "is nested too deeply" if isinstance(cause, RecursionError) else "could not be read as UTF-8 JSON"
+    return f"the JSON body {why}; send one JSON object, e.g. {JSON_EXAMPLE}"
+
+
+def explain(error: Mapping[str, Any], table: ProviderTable) -> str:
+    """A validation error in the words of someone sending the request: what to send instead."""
+    loc = tuple(error["loc"])
+    field = ".".join(str(part) for part in loc[1:]) if loc[:1] == ("body",) else str(loc[-1])
+    kind, message = error["type"], str(error["msg"])
+    if loc == ("body",) and kind == "missing":
+        return f"the request needs a JSON body, e.g. {JSON_EXAMPLE}"
+    if loc == ("body",):
+        return f"the body must be a JSON object, e.g. {JSON_EXAMPLE}"
+    if kind == "json_invalid":
+        return (
+            f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)} at character {loc[-1]}"
+        )
+    if kind == "missing":
+        return f"{field} is required"
+    if kind == "extra_forbidden":
+        return f"unknown field {field!r}; /docs lists the fields this request takes"
+    if kind == schemas.MODEL_NAME_ERROR:
+        return f"{message}; providers: {', '.join(sorted(table))}"
+    return f"{field}: {message}" if field and not message.startswith(field) else message
 
 
 def add_routes(app: FastAPI) -> None:
@@ -644,6 +722,38 @@ def chat_stream_doc() -> dict[str, Any]:
 # --- running it ---------------------------------------------------------------------------------
 
 
+class BelowInfoDropped(logging.Filter):
+    """uvicorn lends its `uvicorn.error` logger to the websockets library, whose DEBUG lines are a
+    handshake's headers (the token, cookies, x-api-key): nothing below INFO leaves these loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.INFO
+
+
+class PathOnly(logging.Filter):
+    """An access-log line names the path without its query string (which may carry a secret); uvicorn
+    logs a websocket's access line on `uvicorn.error`, so both loggers get it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(a.partition("?")[0] if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def add_filter_once(name: str, kind: type[logging.Filter]) -> None:
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+        logger.addFilter(kind())
+
+
+def quiet_uvicorn_logs() -> None:
+    """Filters that hold whatever level uvicorn later sets on its loggers (`--log-level debug` too)."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi", "websockets"):
+        add_filter_once(name, BelowInfoDropped)
+    for name in ("uvicorn.error", "uvicorn.access"):
+        add_filter_once(name, PathOnly)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
@@ -651,6 +761,7 @@ def configure_logging(level: str) -> None:
     # The HTTP client's and SDKs' debug logs include request headers (keys): keep them quiet.
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "anthropic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_uvicorn_logs()
 
 
 def exposure_problem(settings: Settings) -> str | None:
@@ -664,13 +775,35 @@ def exposure_problem(settings: Settings) -> str | None:
     )
 
 
+def prepare_data_dir(settings: Settings) -> None:
+    """Create the data directory now, so that an unusable CHAT_DATA_DIR is one clear line, not a traceback."""
+    store = Store(settings.data_dir)
+    try:
+        store.open()
+        usable = os.access(store.conversations, os.W_OK)
+        why = "is not writable"
+    except (OSError, StorageError) as exc:
+        usable = False
+        why = f"cannot be used ({getattr(exc, 'strerror', None) or exc})"
+    if not usable:
+        example = Settings.model_fields["data_dir"].examples or [""]
+        raise SettingsProblem(
+            [f"Invalid setting CHAT_DATA_DIR: {settings.data_dir} {why}; e.g. CHAT_DATA_DIR={example[0]}"]
+        )
+
+
 def main() -> None:
-    settings = load_settings()
-    if sys.argv[1:2] == ["import"]:  # `python main.py import FILE...`: straight into the data dir, no server
-        model = default_model(settings, build_providers(settings))
-        raise SystemExit(importing.run_cli(sys.argv[2:], settings.data_dir, settings.max_import_bytes, model))
-    if problem := exposure_problem(settings):
-        raise SystemExit(problem)
+    try:
+        settings = load_settings()
+        if sys.argv[1:2] == ["import"]:  # `python main.py import FILE...`: into the data dir, no server
+            model = default_model(settings, build_providers(settings))
+            limit = settings.max_import_bytes
+            raise SystemExit(importing.run_cli(sys.argv[2:], settings.data_dir, limit, model))
+        if problem := exposure_problem(settings):
+            raise SettingsProblem([problem])
+        prepare_data_dir(settings)
+    except SettingsProblem as problem:
+        raise exit_for(problem) from None
     configure_logging(settings.log_level)
     import uvicorn
 
@@ -691,12 +824,24 @@ def main() -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         log_config=None,
+        # h11, because it can bound a request's headers (httptools buffers any size: SPEC.md §5.4)
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        ws="none",  # no WebSocket routes; an upgrade request is then plain HTTP, which Guard judges
     )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down
         UvicornServer(config).run()
 
 
-app = create_app() if __name__ != "__main__" else None
+def app_from_environment() -> FastAPI:
+    """`uvicorn main:app`: bad settings exit with status 2 and one line each, as under main()."""
+    try:
+        return create_app()
+    except SettingsProblem as problem:
+        raise exit_for(problem) from None
+
+
+app = app_from_environment() if __name__ != "__main__" else None
 
 if __name__ == "__main__":
     main()

@@ -6,11 +6,27 @@ validate what comes in (limits, types, unknown fields refused).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-ModelName = Annotated[str, Field(pattern=r"^[^/\s]+/\S+$", max_length=256, examples=["openai/gpt-4o-mini"])]
+MODEL_NAME = r"^[^/\s]+/\S+$"
+MODEL_NAME_ERROR = "model_name"  # main.py adds the configured providers to this error's message
+
+
+def _model_name(value: str) -> str:
+    if re.fullmatch(MODEL_NAME, value) is None:
+        raise PydanticCustomError(MODEL_NAME_ERROR, 'model must be "provider/model", e.g. "ollama/llama3.2"')
+    return value
+
+
+ModelName = Annotated[
+    str,
+    Field(max_length=256, examples=["openai/gpt-4o-mini"], json_schema_extra={"pattern": MODEL_NAME}),
+    AfterValidator(_model_name),
+]
 Temperature = Annotated[float, Field(ge=0, le=2)]
 MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
 SystemPrompt = Annotated[str, Field(max_length=200_000)]
@@ -36,7 +52,7 @@ class ChatIn(Strict):
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("message must contain some text")
+            raise PydanticCustomError("blank_message", "message must contain some text, not only spaces")
         return value
 
 
