@@ -52,6 +52,7 @@ from typing import Any, Literal, TypeVar
 import httpx2
 import orjson
 
+import search_index
 import storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1249,9 +1250,11 @@ class Bench:
             rss = proc_status(service.pid).get("VmRSS", 0) / 1024
         finally:
             self.stop_service(service)
-        index = storage.ListingIndex(data_dir / "conversations", data_dir / "changes.log")
+        (data_dir / "index.sqlite3").unlink()
+        index = search_index.SearchIndex(data_dir)
         started = time.perf_counter()
-        index.refresh()
+        index.open()
+        index.reconcile()
         build = time.perf_counter() - started
         w = Stats.of(warm)
         self.rows.append(
