@@ -55,6 +55,7 @@ CHECK_INTERVAL = 1.0  # seconds between two looks at conversations/ from request
 FULL_RECONCILE_INTERVAL = 600.0
 BATCH = 100  # files read, then written in one short transaction: writers wait at most for one batch
 MAX_TERMS = 16
+RANKED_MAX = 5000
 RETRY_AFTER = "5"
 OPEN, CLOSE = "\x02", "\x03"  # highlight markers; removed from indexed text so they are unambiguous
 SNIPPET_BEFORE, SNIPPET_LENGTH = 60, 240
@@ -90,6 +91,7 @@ CREATE TABLE docs(
     digest INTEGER NOT NULL
 );
 CREATE INDEX docs_by_conversation ON docs(conversation_id);
+CREATE VIRTUAL TABLE titles USING fts5(text, tokenize='unicode61 remove_diacritics 2');
 CREATE VIRTUAL TABLE words USING fts5(text, tokenize='unicode61 remove_diacritics 2');
 CREATE VIRTUAL TABLE grams USING fts5(text, tokenize='trigram');
 PRAGMA user_version = {INDEX_VERSION};
@@ -162,29 +164,39 @@ def compile_query(q: str, *, prefix_words: bool = False) -> Query_:
     return Query_(" ".join(words), " ".join(fts_string(g) for g in grams), tuple(scans), (*grams, *scans))
 
 
-def match_sql(query: Query_) -> tuple[str, list[Any], str]:
-    """FROM/WHERE selecting the matching `docs` rows as `d`, its parameters, and a rank expression."""
-    params: list[Any] = []
+def matching(query: Query_, table: str) -> tuple[str, list[Any], str]:
+    """SQL selecting the rowids of matching texts in `table` ("titles" or "words": which texts to
+    search), its parameters, and the ORDER BY that ranks them (best first, ties newest first)."""
+    kind = "d.message_id IS NULL" if table == "titles" else "d.message_id IS NOT NULL"
     conditions: list[str] = []
+    params: list[Any] = []
     if query.words:
-        sql, rank = "FROM words JOIN docs d ON d.rowid = words.rowid WHERE words MATCH ?", "bm25(words)"
+        sql, order = f"SELECT rowid FROM {table} WHERE {table} MATCH ?", f"ORDER BY bm25({table}), rowid DESC"
         params.append(query.words)
         if query.grams:
-            conditions.append("d.rowid IN (SELECT rowid FROM grams WHERE grams MATCH ?)")
+            conditions.append("rowid IN (SELECT rowid FROM grams WHERE grams MATCH ?)")
             params.append(query.grams)
         scans = query.scans
-    elif query.grams:
-        sql, rank = "FROM grams JOIN docs d ON d.rowid = grams.rowid WHERE grams MATCH ?", "bm25(grams)"
+    elif query.grams:  # only Chinese/Japanese/Korean: few texts, so the join to docs is cheap
+        sql = "SELECT grams.rowid FROM grams JOIN docs d ON d.rowid = grams.rowid "
+        sql += f"WHERE grams MATCH ? AND {kind}"
+        order = "ORDER BY bm25(grams), d.created_at DESC"
         params.append(query.grams)
         scans = query.scans
     else:
-        sql, rank = "FROM grams JOIN docs d ON d.rowid = grams.rowid WHERE instr(lower(grams.text), ?)", ""
+        sql = (
+            "SELECT grams.rowid FROM grams JOIN docs d ON d.rowid = grams.rowid "
+            f"WHERE instr(lower(grams.text), ?) AND {kind}"
+        )
+        order = "ORDER BY d.created_at DESC"
         params.append(query.scans[0].lower())
         scans = query.scans[1:]
     for scan in scans:
-        conditions.append("d.rowid IN (SELECT rowid FROM grams WHERE instr(lower(text), ?))")
+        conditions.append("rowid IN (SELECT rowid FROM grams WHERE instr(lower(text), ?))")
         params.append(scan.lower())
-    return " AND ".join([sql, *conditions]), params, rank
+    if conditions and not query.words:
+        conditions = [c.replace("rowid IN", "grams.rowid IN", 1) for c in conditions]
+    return " AND ".join([sql, *conditions]), params, order
 
 
 def encode_search_cursor(offset: int) -> str:
@@ -335,7 +347,7 @@ class SearchIndex:
                 return
             names = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
             for (name,) in names:
-                if name in ("meta", "conversations", "docs", "words", "grams"):
+                if name in ("meta", "conversations", "docs", "titles", "words", "grams"):
                     db.execute(f"DROP TABLE IF EXISTS {name}")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -465,7 +477,8 @@ class SearchIndex:
                 "VALUES (?, ?, ?, ?, ?)",
                 (conversation_id, message_id, role, created_at, digest),
             ).lastrowid
-            db.execute("INSERT INTO words(rowid, text) VALUES (?, ?)", (rowid, clean(text)))
+            table = "words" if message_id is not None else "titles"
+            db.execute(f"INSERT INTO {table}(rowid, text) VALUES (?, ?)", (rowid, clean(text)))
             if CJK_RE.search(text):
                 db.execute("INSERT INTO grams(rowid, text) VALUES (?, ?)", (rowid, clean(text)))
         for rowid, _, _ in existing.values():
@@ -473,6 +486,7 @@ class SearchIndex:
 
     def _remove_doc(self, db: sqlite3.Connection, rowid: int) -> None:
         db.execute("DELETE FROM words WHERE rowid = ?", (rowid,))
+        db.execute("DELETE FROM titles WHERE rowid = ?", (rowid,))
         db.execute("DELETE FROM grams WHERE rowid = ?", (rowid,))
         db.execute("DELETE FROM docs WHERE rowid = ?", (rowid,))
 
@@ -502,7 +516,10 @@ class SearchIndex:
                 if match is not None:
                     with contextlib.suppress(FileNotFoundError):
                         on_disk[match.group(1)] = signature(entry.stat())
-        changed = [cid for cid, sig in on_disk.items() if known.get(cid) != sig]
+        # oldest first, so that rowids (the tie-break of a ranking) roughly follow time
+        changed = sorted(
+            (cid for cid, sig in on_disk.items() if known.get(cid) != sig), key=lambda c: on_disk[c][2]
+        )
         removed = [cid for cid in known if cid not in on_disk]
         for start in range(0, len(changed), BATCH):
             if self._stop.is_set():
@@ -650,8 +667,8 @@ class SearchIndex:
             sql += " AND (updated_at, id) < (?, ?)"
             params += before
         if query is not None:
-            where, match_params, _ = match_sql(query)
-            sql += f" AND id IN (SELECT d.conversation_id {where} AND d.message_id IS NULL)"
+            titles, match_params, _ = matching(query, "titles")
+            sql += f" AND id IN (SELECT conversation_id FROM docs WHERE rowid IN ({titles}))"
             params += match_params
         sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
         with self._connection() as db:
@@ -685,22 +702,29 @@ class SearchIndex:
     def _search(self, query: Query_, limit: int, offset: int) -> tuple[list[dict[str, Any]], str | None]:
         if self.building():
             raise IndexBuilding("the search index is still being built; try again in a few seconds")
-        where, params, rank = match_sql(query)
-        sql = (
-            f"SELECT d.rowid, d.conversation_id, d.message_id, d.role, d.created_at {where} "
-            f"ORDER BY d.message_id IS NOT NULL, {rank + ',' if rank else ''} d.created_at DESC, d.rowid "
-            "LIMIT ? OFFSET ?"
-        )
         with self._connection() as db:
-            rows = db.execute(sql, [*params, limit + 1, offset]).fetchall()[:limit]
-            texts = self._highlighted(db, query, [row[0] for row in rows])
-            ids = sorted({row[1] for row in rows})
-            titles = dict(
-                db.execute(
-                    f"SELECT id, title FROM conversations WHERE id IN ({marks(ids)})",  # noqa: S608
-                    ids,
-                ).fetchall()
-            )
+            titles_sql, params, _ = matching(query, "titles")
+            title_count = db.execute(f"SELECT count(*) FROM ({titles_sql})", params).fetchone()[0]
+            found = []  # (table, rowid), best first: every title match, then messages
+            if offset < title_count:
+                found += [("titles", r) for r in self._ranked(db, query, "titles", limit + 1, offset)]
+            if len(found) <= limit:
+                wanted, skip = limit + 1 - len(found), max(0, offset - title_count)
+                found += [("words", r) for r in self._ranked(db, query, "words", wanted, skip)]
+            page = found[:limit]
+            rowids = [rowid for _, rowid in page]
+            docs = {
+                row[0]: row[1:]
+                for row in db.execute(
+                    "SELECT rowid, conversation_id, message_id, role, created_at FROM docs "
+                    f"WHERE rowid IN ({marks(rowids)})",
+                    rowids,
+                )
+            }
+            texts = self._highlighted(db, query, "titles", [r for t, r in page if t == "titles"])
+            texts.update(self._highlighted(db, query, "words", [r for t, r in page if t == "words"]))
+            ids = sorted({doc[0] for doc in docs.values()})
+            titles = dict(db.execute(f"SELECT id, title FROM conversations WHERE id IN ({marks(ids)})", ids))
         items = [
             {
                 "conversation_id": conversation_id,
@@ -710,25 +734,41 @@ class SearchIndex:
                 "snippet": window(segments(texts.get(rowid, ""), query.highlights)),
                 "created_at": created_at,
             }
-            for rowid, conversation_id, message_id, role, created_at in rows
+            for rowid in rowids
+            if rowid in docs
+            for conversation_id, message_id, role, created_at in [docs[rowid]]
         ]
-        more = len(rows) == limit and self._has_more(query, offset + limit)
-        return items, encode_search_cursor(offset + limit) if more else None
+        return items, encode_search_cursor(offset + limit) if len(found) > limit else None
 
-    def _has_more(self, query: Query_, offset: int) -> bool:
-        where, params, _ = match_sql(query)
-        with self._connection() as db:
-            return db.execute(f"SELECT 1 {where} LIMIT 1 OFFSET ?", [*params, offset]).fetchone() is not None
+    def _ranked(
+        self, db: sqlite3.Connection, query: Query_, table: str, limit: int, offset: int
+    ) -> list[int]:
+        """The rowids of a page of matches in `table`, best first.
 
-    def _highlighted(self, db: sqlite3.Connection, query: Query_, rowids: list[int]) -> dict[int, str]:
+        When more than RANKED_MAX texts match, only the RANKED_MAX newest are ranked: ranking costs
+        about 10 µs a match, and a word that common says little about relevance anyway.
+        """
+        sql, params, order = matching(query, table)
+        newest = f"{sql} ORDER BY rowid DESC LIMIT 1 OFFSET {RANKED_MAX - 1}" if query.words else None
+        floor = db.execute(newest, params).fetchone() if newest else None
+        if floor is not None:
+            sql, params = f"{sql} AND rowid >= ?", [*params, floor[0]]
+        rows = db.execute(f"{sql} {order} LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
+        return [row[0] for row in rows]
+
+    def _highlighted(
+        self, db: sqlite3.Connection, query: Query_, table: str, rowids: list[int]
+    ) -> dict[int, str]:
         if not rowids:
             return {}
-        # only "?" placeholders are formatted into these statements, never a value
+        # only "?" placeholders and our table names are formatted into these statements
         if query.words:
-            sql = "SELECT rowid, highlight(words, 0, ?, ?) FROM words WHERE words MATCH ? AND rowid IN "
+            sql = (
+                f"SELECT rowid, highlight({table}, 0, ?, ?) FROM {table} WHERE {table} MATCH ? AND rowid IN "
+            )
             params: list[Any] = [OPEN, CLOSE, query.words, *rowids]
         else:
-            sql, params = "SELECT rowid, text FROM words WHERE rowid IN ", list(rowids)
+            sql, params = f"SELECT rowid, text FROM {table} WHERE rowid IN ", list(rowids)
         sql += f"({marks(rowids)})"
         return dict(db.execute(sql, params).fetchall())
 
