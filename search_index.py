@@ -56,6 +56,7 @@ FULL_RECONCILE_INTERVAL = 600.0
 BATCH = 100  # files read, then written in one short transaction: writers wait at most for one batch
 MAX_TERMS = 16
 RANKED_MAX = 5000
+RACY_NS = 2_000_000_000
 RETRY_AFTER = "5"
 OPEN, CLOSE = "\x02", "\x03"  # highlight markers; removed from indexed text so they are unambiguous
 SNIPPET_BEFORE, SNIPPET_LENGTH = 60, 240
@@ -286,8 +287,9 @@ class SearchIndex:
     Thread-safe: connections come from a small pool, one per worker thread at a time.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, busy_timeout: float = 5.0) -> None:
         self.data_dir = data_dir
+        self.busy_timeout = busy_timeout
         self.conversations = data_dir / "conversations"
         self.path = data_dir / "index.sqlite3"
         self.check_interval = CHECK_INTERVAL
@@ -366,7 +368,9 @@ class SearchIndex:
             generation = self._generation
             db = self._pool.pop() if self._pool else None
         if db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout
+            )
             db.execute(
                 "PRAGMA synchronous = NORMAL"
             )  # derived data: a lost commit is repaired by a reconcile
@@ -496,14 +500,21 @@ class SearchIndex:
 
     # --- reconciling -----------------------------------------------------------------------------
 
-    def reconcile(self) -> int:
+    def reconcile(self, full: bool = True) -> int:
         """Bring the index in line with the files; returns how many files it (re)indexed or dropped.
 
+        A full reconcile compares each file's (inode, size, mtime_ns) with what the index recorded;
+        a quick one (after conversations/ changed) compares inodes only, which the directory listing
+        gives without a stat per file: a file replaced by a rename always has a new inode, and a file
+        edited in place does not change the directory either, so only a full reconcile can see it.
         Blocking. Safe beside writers in any process: a row that changed since this reconcile read
         the index is left alone (its writer was newer).
         """
         self._dirty = False
-        self._seen_mtime = os.stat(self.conversations).st_mtime_ns
+        mtime = os.stat(self.conversations).st_mtime_ns
+        # A directory changed within the clock's granularity of this scan may change again unseen
+        # with the same mtime (racy-git): look at it again next time.
+        self._seen_mtime = mtime if time.time_ns() - mtime > RACY_NS else -1
         with self._connection() as db:
             known: dict[str, Signature] = {
                 row[0]: (row[1], row[2], row[3])
@@ -513,10 +524,15 @@ class SearchIndex:
         with os.scandir(self.conversations) as entries:
             for entry in entries:
                 match = FILE_RE.fullmatch(entry.name)
-                if match is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        on_disk[match.group(1)] = signature(entry.stat())
-        # oldest first, so that rowids (the tie-break of a ranking) roughly follow time
+                if match is None:
+                    continue
+                cid = match.group(1)
+                old = known.get(cid)
+                if not full and old is not None and old[0] == entry.inode():
+                    on_disk[cid] = old
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    on_disk[cid] = signature(entry.stat())
         changed = sorted(
             (cid for cid, sig in on_disk.items() if known.get(cid) != sig), key=lambda c: on_disk[c][2]
         )
@@ -575,8 +591,10 @@ class SearchIndex:
 
     def reconcile_if_moved(self) -> None:
         """Reconcile if conversations/ changed since the last look (or an update failed). Blocking."""
-        if self._dirty or os.stat(self.conversations).st_mtime_ns != self._seen_mtime:
+        if self._dirty:
             self.reconcile()
+        elif os.stat(self.conversations).st_mtime_ns != self._seen_mtime:
+            self.reconcile(full=False)
 
     # --- async entry points ----------------------------------------------------------------------
 
@@ -589,10 +607,11 @@ class SearchIndex:
         """At most once a second: look at conversations/ and reconcile if it changed.
 
         A request waits for a reconcile in progress (the one at start-up may repair what a crash
-        left), except during the first build: then it reads what is indexed so far.
+        left), except during a build (`keep_fresh`, or the task started when the database vanished):
+        then it reads what is indexed so far.
         """
         lock = self._lock()
-        if lock.locked() and self._building:
+        if self._building:  # a task of its own builds the index
             return
         if not lock.locked() and time.monotonic() - self._checked_at < self.check_interval:
             return
