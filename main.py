@@ -39,6 +39,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chat
+import exporting
 import providers
 import search_index
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
@@ -396,6 +397,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_error_handlers(app)
     add_routes(app)
     app.include_router(search_index.router)
+    app.include_router(exporting.router)
     return app
 
 
