@@ -177,8 +177,9 @@ def zip_stream(store: Store, format: Format) -> Iterator[bytes]:
             info.external_attr = 0o600 << 16
             with archive.open(info, "w", force_zip64=True) as entry:
                 entry.write(content)
-            yield sink.take()
-    yield sink.take()
+            if chunk := sink.take():
+                yield chunk
+    yield sink.take()  # the central directory, written when the archive closes
 
 
 @router.get("/api/export")

@@ -301,6 +301,7 @@ class SearchIndex:
         self._seen_mtime = -1  # conversations/'s mtime_ns when the last reconcile started
         self._checked_at = -CHECK_INTERVAL
         self._dirty = False  # an update failed: reconcile at the next look
+        self._damaged = False  # SQLite found the database corrupt: start a new one at the next look
         self._building = True  # the first build has not finished
         self._reconciling: asyncio.Lock | None = None
         self._stop = threading.Event()
@@ -314,15 +315,21 @@ class SearchIndex:
         a new index is ready at once.
         """
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._damaged:
+            self._delete()
         try:
             self._open_or_create()
         except sqlite3.DatabaseError as exc:
             log.warning("the index %s is unusable (%s): rebuilding it from the files", self.path, exc)
-            self._close_all()
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{self.path}{suffix}")
+            self._delete()
             self._open_or_create()
+
+    def _delete(self) -> None:
+        self._close_all()
+        self._damaged = False
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}{suffix}")
 
     def _open_or_create(self) -> None:
         self._close_all()
@@ -645,7 +652,7 @@ class SearchIndex:
                 self._dirty = True
             else:  # corrupt: start again from the files
                 log.warning("the index is damaged (%s): rebuilding it", exc)
-                self._inode = None
+                self._damaged, self._inode = True, None
         except OSError as exc:
             log.warning("index reconcile failed (%s); trying again later", exc)
             self._dirty = True
@@ -664,7 +671,7 @@ class SearchIndex:
             raise IndexBuilding("the index is busy; try again in a few seconds") from None
         except sqlite3.DatabaseError as exc:
             log.warning("the index is damaged (%s): rebuilding it", exc)
-            self._inode = None  # the next look rebuilds it
+            self._damaged, self._inode = True, None  # the next look rebuilds it
             raise IndexBuilding("the search index is being rebuilt; try again in a few seconds") from None
 
     # --- reads -----------------------------------------------------------------------------------
