@@ -15,7 +15,7 @@ import re
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import anyio.to_thread
@@ -40,6 +40,17 @@ FormatQuery = Annotated[Format, Query(description="`json` (lossless, every branc
 UNSAFE_IN_NAMES = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
 
 router = APIRouter(tags=["export"])
+
+
+def download(description: str, *media_types: str) -> dict[str, Any]:
+    """OpenAPI for a 200 that is a download of one of these types."""
+
+    def schema(media_type: str) -> dict[str, Any]:
+        return (
+            {"type": "object"} if media_type == "application/json" else {"type": "string", "format": "binary"}
+        )
+
+    return {"description": description, "content": {m: {"schema": schema(m)} for m in media_types}}
 
 
 # --- formats ------------------------------------------------------------------------------------
@@ -113,7 +124,11 @@ def read_raw(store: Store, conversation_id: str) -> tuple[bytes, Conversation]:
     return data, parse_conversation(data, conversation_id)
 
 
-@router.get("/api/conversations/{conversation_id}/export")
+@router.get(
+    "/api/conversations/{conversation_id}/export",
+    response_class=Response,
+    responses={200: download("the file as stored, or Markdown", "application/json", "text/markdown")},
+)
 async def export_conversation(
     conversation_id: str, store: StoreDep, format: FormatQuery = "json"
 ) -> Response:
@@ -182,7 +197,11 @@ def zip_stream(store: Store, format: Format) -> Iterator[bytes]:
     yield sink.take()  # the central directory, written when the archive closes
 
 
-@router.get("/api/export")
+@router.get(
+    "/api/export",
+    response_class=StreamingResponse,
+    responses={200: download("a zip of every conversation", "application/zip")},
+)
 async def export_all(store: StoreDep, format: FormatQuery = "json") -> Response:
     """Download every conversation as a zip: `conversations/<id>.json` files (lossless) or Markdown."""
     name = f"conversations-{format}-{datetime.now(UTC):%Y-%m-%d}.zip"

@@ -71,6 +71,7 @@ CJK = (
 CJK_RE = re.compile(f"[{CJK}]")
 WORD_CHAR_RE = re.compile(r"[^\W_]")
 QUERY_RE = re.compile(r'"([^"]*)"?|([^\s"]+)')
+CONTROL_RE = re.compile("[\x00-\x1f\x7f]")  # a NUL ends an FTS5 string early; the markers are ours
 
 SCHEMA = f"""
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -149,7 +150,7 @@ def compile_query(q: str, *, prefix_words: bool = False) -> Query_:
     words: list[str] = []
     grams: list[str] = []
     scans: list[str] = []
-    for match in QUERY_RE.finditer(q.replace(OPEN, " ").replace(CLOSE, " ")):
+    for match in QUERY_RE.finditer(CONTROL_RE.sub(" ", q)):
         phrase, bare = match.group(1), match.group(2)
         text = " ".join((phrase if phrase is not None else bare).split())
         prefix = bare is not None and (bare.endswith("*") or prefix_words)
@@ -275,7 +276,7 @@ def marks(values: Sequence[Any]) -> str:
 
 
 def clean(text: str) -> str:
-    return text.replace(OPEN, " ").replace(CLOSE, " ")
+    return text.replace(OPEN, " ").replace(CLOSE, " ").replace("\x00", " ")
 
 
 # --- the index ----------------------------------------------------------------------------------
