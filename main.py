@@ -40,10 +40,12 @@ from starlette.responses import Response
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 import chat
+import exporting
 import importing
 import page
 import providers
 import schemas
+import search_index
 import usage
 from guard import Guard, is_loopback, render_refusal
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
@@ -59,6 +61,7 @@ from schemas import (
     PageOut,
     ParamsModel,
 )
+from search_index import IndexDep, SearchIndex
 from storage import Conversation, StorageError, Store, current_branch, summarize
 from web import JSON, StoreDep, TableDep, error
 
@@ -360,8 +363,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error(problem)
         raise SystemExit(problem)
     app.state.loop = asyncio.get_running_loop()
+    index: SearchIndex = app.state.index
     store.open()
-    warming = asyncio.create_task(store.warm_index())  # the first listing need not wait for the scan
+    index.open()
+    freshening = asyncio.create_task(index.keep_fresh())  # builds the index; nobody waits for it
     log.info("conversations are kept in %s", store.conversations.resolve())
     log.info("settings from the environment and %s%s", ENV_FILE, "" if ENV_FILE.exists() else " (absent)")
     for provider in app.state.providers.values():
@@ -372,7 +377,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        warming.cancel()
+        index.close()  # a build in progress stops at its next batch
+        freshening.cancel()
         tracker: chat.TurnTracker = app.state.turns
         tracker.stop()
         if running := await tracker.wait_saved(max(settings.shutdown_timeout, 5.0)):
@@ -393,7 +399,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.store = Store(settings.data_dir)
+    app.state.index = SearchIndex(settings.data_dir)
+    app.state.store = Store(settings.data_dir, indexer=app.state.index)
     app.state.providers = build_providers(settings)
     app.state.default_model = default_model(settings, app.state.providers)
     app.state.turns = chat.TurnTracker()
@@ -431,6 +438,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(importing.router)
     app.include_router(page.router)
+    app.include_router(search_index.router)
+    app.include_router(exporting.router)
     add_docs(app, token_required=token is not None)
     return app
 
@@ -560,7 +569,7 @@ def explain(error: Mapping[str, Any], table: ProviderTable) -> str:
 
 def add_routes(app: FastAPI) -> None:
     @app.get("/api/health", response_model=HealthOut, tags=["service"])
-    async def health(store: StoreDep, table: TableDep) -> Response:
+    async def health(store: StoreDep, table: TableDep, index: IndexDep) -> Response:
         """Is the service up, can it write its data, which providers have keys."""
         writable = await store.writable()
         return JSON(
@@ -569,7 +578,7 @@ def add_routes(app: FastAPI) -> None:
                 "version": __version__,
                 "data_dir_writable": writable,
                 "providers": {name: p.configured for name, p in table.items()},
-                "unreadable_conversations": sorted(store.unreadable()),
+                "unreadable_conversations": sorted(await index.unreadable()),
             }
         )
 
@@ -631,12 +640,14 @@ def add_routes(app: FastAPI) -> None:
 
     @app.get("/api/conversations", response_model=PageOut, tags=["conversations"])
     async def list_conversations(
-        store: StoreDep,
+        index: IndexDep,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         cursor: Annotated[str | None, Query(max_length=512)] = None,
+        q: Annotated[str | None, Query(max_length=500)] = None,
     ) -> Response:
-        """Conversations, most recently updated first; pass `next_cursor` back for the next page."""
-        items, next_cursor = await store.list_conversations(limit, cursor)
+        """Conversations, most recently updated first; `q` keeps those whose title has every word
+        (as a prefix). Pass `next_cursor` back for the next page."""
+        items, next_cursor = await index.page(limit, cursor, q if q and q.strip() else None)
         return JSON({"items": items, "next_cursor": next_cursor})
 
     @app.get("/api/conversations/{conversation_id}", response_model=ConversationOut, tags=["conversations"])

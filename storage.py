@@ -4,8 +4,8 @@ Layout under the data directory::
 
     conversations/<id>.json       the conversation (always valid JSON, schema_version inside)
     conversations/<id>.json.lock  its lock file (never deleted: waiters would lock another inode)
-    changes.log                   one JSON line per write: the conversation's new summary, so the
-                                  listing index in every process stays fresh without a directory scan
+    index.sqlite3                 derived data (listing, search), see search_index.py; told of
+                                  every write through the Store's `indexer`
 
 Every write is a read-modify-write of one file under an asyncio lock (between tasks) and a file
 lock (between processes), run in a worker thread so the event loop never blocks on disk.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import bisect
 import contextlib
 import errno
 import logging
@@ -31,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NotRequired, TypedDict, TypeVar
+from typing import Any, Literal, NotRequired, Protocol, TypedDict, TypeVar
 
 import anyio.to_thread
 import orjson
@@ -40,7 +39,6 @@ from filelock import FileLock
 SCHEMA_VERSION = 1
 ID_RE = re.compile(r"[0-9a-f]{32}")
 FILE_RE = re.compile(r"([0-9a-f]{32})\.json")
-JOURNAL_MAX_BYTES = 4 * 1024 * 1024
 STALE_TEMP_SECONDS = 60.0
 
 log = logging.getLogger("chat.storage")
@@ -110,7 +108,12 @@ class Summary(TypedDict):
     totals: Totals
 
 
-SUMMARY_KEYS = frozenset(Summary.__annotations__)
+class Indexer(Protocol):
+    """Derived data kept in step with every write (search_index.SearchIndex); must not raise."""
+
+    def written(self, conversation: Conversation, stat: os.stat_result) -> None: ...
+
+    def deleted(self, conversation_id: str) -> None: ...
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -405,106 +408,6 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-# --- the listing index --------------------------------------------------------------------------
-
-
-class ListingIndex:
-    """Summaries of every conversation, kept in memory and fresh through `changes.log`.
-
-    Every writer (in any process) appends the new summary to the log after it replaces a file; a
-    reader stats the log and applies only the lines it has not seen. A missing, truncated or
-    oversized log means a full rescan, which is also how the index is first built.
-    Not thread-safe: the Store calls it from one worker thread at a time.
-    """
-
-    def __init__(self, conversations: Path, journal: Path) -> None:
-        self.conversations = conversations
-        self.journal = journal
-        self.summaries: dict[str, Summary] = {}
-        self.unreadable: dict[str, str] = {}
-        self._order: list[tuple[str, str]] = []  # (updated_at, id), ascending
-        self._offset = -1  # -1: never scanned
-
-    def refresh(self) -> None:
-        try:
-            size = os.stat(self.journal).st_size
-        except FileNotFoundError:
-            size = 0
-        if self._offset < 0 or size < self._offset:
-            self._rescan()
-        elif size > JOURNAL_MAX_BYTES:
-            os.truncate(self.journal, 0)
-            self._rescan()
-        elif size > self._offset:
-            self._apply_journal(size)
-
-    def page(self, limit: int, before: tuple[str, str] | None) -> tuple[list[Summary], str | None]:
-        end = len(self._order) if before is None else bisect.bisect_left(self._order, before)
-        keys = self._order[max(0, end - limit) : end][::-1]
-        items = [self.summaries[key[1]] for key in keys]
-        more = end - limit > 0
-        return items, encode_cursor(items[-1]) if more and items else None
-
-    def _rescan(self) -> None:
-        try:
-            offset = os.stat(self.journal).st_size
-        except FileNotFoundError:
-            offset = 0
-        summaries: dict[str, Summary] = {}
-        unreadable: dict[str, str] = {}
-        with os.scandir(self.conversations) as entries:
-            for entry in entries:
-                match = FILE_RE.fullmatch(entry.name)
-                if match is None:
-                    continue
-                conversation_id = match.group(1)
-                try:
-                    summaries[conversation_id] = summarize(
-                        parse_conversation(Path(entry.path).read_bytes(), conversation_id)
-                    )
-                except FileNotFoundError:
-                    continue  # deleted while we scanned
-                except (StorageError, OSError) as exc:
-                    unreadable[conversation_id] = str(exc)
-                    log.warning("skipping unreadable conversation file %s: %s", entry.name, exc)
-        # swapped in only once the scan has succeeded, so a failure leaves the index as it was
-        self.summaries, self.unreadable, self._offset = summaries, unreadable, offset
-        self._order = sorted((s["updated_at"], s["id"]) for s in summaries.values())
-        # lines appended while scanning are applied again: harmless, they carry full summaries
-        self.refresh()
-
-    def _apply_journal(self, size: int) -> None:
-        with open(self.journal, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read(size - self._offset)
-        complete = chunk.rfind(b"\n") + 1  # a line still being appended is read next time
-        for line in chunk[:complete].splitlines():
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-                continue
-            if entry.get("deleted") or entry.keys() >= SUMMARY_KEYS:
-                self._apply(entry)
-        self._offset += complete
-
-    def _apply(self, entry: dict[str, Any]) -> None:
-        conversation_id = entry["id"]
-        old = self.summaries.pop(conversation_id, None)
-        if old is not None:
-            key = (old["updated_at"], conversation_id)
-            position = bisect.bisect_left(self._order, key)
-            if position < len(self._order) and self._order[position] == key:
-                del self._order[position]
-        if entry.get("deleted"):
-            return
-        self.unreadable.pop(conversation_id, None)
-        summary: Summary = entry  # type: ignore[assignment]
-        self.summaries[conversation_id] = summary
-        bisect.insort(self._order, (summary["updated_at"], conversation_id))
-
-
 # --- the store ----------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -560,13 +463,11 @@ class RecentConversations:
 class Store:
     """All access to conversation files. Every public method is async and never blocks the loop."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, indexer: Indexer | None = None) -> None:
         self.data_dir = data_dir
         self.conversations = data_dir / "conversations"
-        self.journal = data_dir / "changes.log"
+        self.indexer = indexer
         self._task_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._index = ListingIndex(self.conversations, self.journal)
-        self._index_lock = asyncio.Lock()
         self._recent = RecentConversations()
         self._file_locks: dict[str, FileLock] = {}
         self._writable: tuple[float, bool] = (-2.0, False)
@@ -629,21 +530,6 @@ class Store:
 
     async def delete(self, conversation_id: str) -> None:
         await self._locked(conversation_id, lambda: self._unlink(conversation_id))
-
-    async def list_conversations(self, limit: int, cursor: str | None) -> tuple[list[Summary], str | None]:
-        before = decode_cursor(cursor) if cursor else None
-        async with self._index_lock:
-            await anyio.to_thread.run_sync(self._index.refresh)
-            return self._index.page(limit, before)
-
-    async def warm_index(self) -> None:
-        """Build the listing index (a scan of every file) ahead of the first listing."""
-        async with self._index_lock:
-            await anyio.to_thread.run_sync(self._index.refresh)
-
-    def unreadable(self) -> dict[str, str]:
-        """Files the last scan could not read (as of the last listing; no disk access)."""
-        return dict(self._index.unreadable)
 
     # messages
 
@@ -796,8 +682,9 @@ class Store:
     def _write(self, conversation: Conversation) -> Signature:
         path = self._path(conversation["id"])
         write_durably(path, encode(conversation))
-        self._journal(orjson.dumps(summarize(conversation)))
-        return file_signature(os.stat(path))
+        stat = os.stat(path)
+        self._index(lambda indexer: indexer.written(conversation, stat))
+        return file_signature(stat)
 
     def _unlink(self, conversation_id: str) -> None:
         self._recent.forget(conversation_id)
@@ -806,16 +693,14 @@ class Store:
         except FileNotFoundError:
             raise ConversationNotFound(f"no conversation {conversation_id}") from None
         fsync_directory(self.conversations)
-        self._journal(orjson.dumps({"id": conversation_id, "deleted": True}))
+        self._index(lambda indexer: indexer.deleted(conversation_id))
 
-    def _journal(self, line: bytes) -> None:
-        # A hint for listings, not the data: no fsync, and a failure only costs a stale listing
-        # in other processes (the file itself is already safely written).
+    def _index(self, update: Callable[[Indexer], None]) -> None:
+        # The file is the truth and already safely written: a failed index update never fails the
+        # write (the index's next reconcile repairs it).
+        if self.indexer is None:
+            return
         try:
-            fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line + b"\n")
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("could not append to %s: %s", self.journal, exc.strerror)
+            update(self.indexer)
+        except Exception:
+            log.exception("could not update the index after a write; the next reconcile repairs it")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import storage
+from search_index import SearchIndex
 from storage import (
     ConversationNotFound,
     ConversationUnreadable,
@@ -34,6 +35,17 @@ def opened(data_dir: Path) -> Store:
     store = Store(data_dir)
     store.open()
     return store
+
+
+def listed(data_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """What a restarted service lists (ids, newest first) and reports unreadable (id -> why)."""
+    index = SearchIndex(data_dir)
+    index.open()
+    index.reconcile()
+    items, _ = asyncio.run(index.page(50, None))
+    unreadable = asyncio.run(index.unreadable())
+    index.close()
+    return [s["id"] for s in items], unreadable
 
 
 def placeholder(conversation: storage.Conversation) -> Message:
@@ -62,7 +74,6 @@ def test_directories_and_files_are_private(data_dir: Path) -> None:
     assert stat.S_IMODE(store.conversations.stat().st_mode) == 0o700
     path = store.conversations / f"{conversation_id}.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(store.journal.stat().st_mode) == 0o600
 
 
 def test_a_turn_is_saved_as_valid_json_with_the_documented_fields(data_dir: Path) -> None:
@@ -248,51 +259,16 @@ def test_two_processes_appending_lose_nothing(data_dir: Path) -> None:
     assert len(set(texts)) == len(texts)
 
 
-# --- the listing index --------------------------------------------------------------------------
-
-
-def test_listing_sees_writes_from_another_store_on_the_same_dir(data_dir: Path) -> None:
-    here, there = opened(data_dir), opened(data_dir)
-
-    async def scenario() -> None:
-        first = await turn(here, new(), "mine", "ok")
-        assert [s["id"] for s in (await here.list_conversations(10, None))[0]] == [first]
-        second = await turn(there, new(), "theirs", "ok")
-        assert [s["id"] for s in (await here.list_conversations(10, None))[0]] == [second, first]
-        await there.update(first, {"title": "renamed"})
-        items = (await here.list_conversations(10, None))[0]
-        assert [(s["id"], s["title"]) for s in items] == [(first, "renamed"), (second, "theirs")]
-        await there.delete(second)
-        assert [s["id"] for s in (await here.list_conversations(10, None))[0]] == [first]
-
-    asyncio.run(scenario())
-
-
-def test_listing_rebuilds_when_the_journal_is_missing_or_truncated(data_dir: Path) -> None:
-    store = opened(data_dir)
-
-    async def scenario() -> None:
-        ids = [await turn(store, new(), f"c{i}", "ok") for i in range(3)]
-        assert len((await store.list_conversations(10, None))[0]) == 3
-        store.journal.unlink()
-        other = opened(data_dir)
-        ids.append(await turn(other, new(), "after", "ok"))
-        listed = {s["id"] for s in (await store.list_conversations(10, None))[0]}
-        assert listed == set(ids)
-
-    asyncio.run(scenario())
-
-
 def test_a_corrupt_file_is_reported_skipped_and_left_untouched(data_dir: Path) -> None:
     store = opened(data_dir)
     good = asyncio.run(turn(store, new(), "fine", "ok"))
     broken_id = storage.new_id()
     broken = store.conversations / f"{broken_id}.json"
     broken.write_bytes(b'{"schema_version": 1, "id": "trunc')
+    ids, unreadable = listed(data_dir)
+    assert ids == [good]
+    assert broken_id in unreadable
     fresh = opened(data_dir)
-    items, _ = asyncio.run(fresh.list_conversations(10, None))
-    assert [s["id"] for s in items] == [good]
-    assert broken_id in fresh.unreadable()
     with pytest.raises(ConversationUnreadable, match="not valid JSON"):
         asyncio.run(fresh.get(broken_id))
     with pytest.raises(ConversationUnreadable):
@@ -323,10 +299,9 @@ def test_a_file_of_the_wrong_shape_is_unreadable_not_a_crash(data_dir: Path, dam
         asyncio.run(store.get(bad))
     with pytest.raises(ConversationUnreadable):
         asyncio.run(turn(store, bad, "more", "ok"))
-    fresh = opened(data_dir)  # a restart: the listing rebuilds from the files
-    items, _ = asyncio.run(fresh.list_conversations(10, None))
-    assert [s["id"] for s in items] == [good]
-    assert list(fresh.unreadable()) == [bad]
+    ids, unreadable = listed(data_dir)  # a restart: the index rebuilds from the files
+    assert ids == [good]
+    assert list(unreadable) == [bad]
 
 
 def test_a_file_from_a_newer_version_is_refused_not_overwritten(data_dir: Path) -> None:

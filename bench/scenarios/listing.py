@@ -3,7 +3,7 @@ conversations on disk, each on a freshly started service.
 
 The service builds its listing index in the background from start-up, so the first ("cold")
 listing may wait for that build; later ("warm") ones read the index. Direct: building the same
-index in-process (`storage.ListingIndex.refresh`).
+index in-process (`search_index.SearchIndex`: open and reconcile every file into a new SQLite index).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import orjson
 
-import storage
+import search_index
 from bench.conversations import fill
 from bench.harness import Bench, Scenario
 from bench.processes import memory_mb
@@ -45,9 +45,11 @@ async def run(bench: Bench) -> None:
             rss, _ = memory_mb(service.pid)
         finally:
             bench.stop(service)
-        index = storage.ListingIndex(data_dir / "conversations", data_dir / "changes.log")
+        (data_dir / "index.sqlite3").unlink(missing_ok=True)
+        index = search_index.SearchIndex(data_dir)
         started = time.perf_counter()
-        index.refresh()
+        index.open()
+        index.reconcile()
         build = time.perf_counter() - started
         stats = Stats.of([s for repeat in warm for s in repeat])
         cells = {
