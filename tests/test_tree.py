@@ -228,13 +228,13 @@ def test_a_title_is_asked_of_the_title_model_in_the_background(
     upstream.script(Reply(text="sure"), Reply(text="Generated"))
     chat(client, message="hello", conversation_id=mine)
     assert upstream.wait_requests(4)
-    assert wait_until(lambda: not client.app.state.generations.running)  # type: ignore[attr-defined]
+    assert wait_until(lambda: not client.app.state.generations.running)
     assert get(client, mine)["title"] == "My own"
 
     upstream.script(Reply(text="fine"), Reply(status=400))
     failing = chat(client, message="a title that stays")["conversation_id"]
     assert upstream.wait_requests(6)
-    assert wait_until(lambda: not client.app.state.generations.running)  # type: ignore[attr-defined]
+    assert wait_until(lambda: not client.app.state.generations.running)
     assert get(client, failing)["title"] == "a title that stays"
 
 
