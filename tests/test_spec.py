@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from starlette.routing import BaseRoute
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,11 +20,21 @@ def spec_endpoints() -> set[tuple[str, str]]:
     return {(method, path) for method, path in rows}
 
 
+def api_routes(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, APIRoute]]:
+    """Every APIRoute with its full path, also those of included routers (FastAPI keeps those in an
+    `_IncludedRouter` holding the original router and the prefix)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield prefix + route.path, route
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from api_routes(included.routes, prefix + route.include_context.prefix)  # type: ignore[attr-defined]
+
+
 def test_spec_endpoint_table_matches_the_routes(client: TestClient) -> None:
     routes = {
-        (method, route.path)
-        for route in client.app.routes  # type: ignore[attr-defined]
-        if isinstance(route, APIRoute)
+        (method, path)
+        for path, route in api_routes(client.app.routes)  # type: ignore[attr-defined]
         for method in route.methods or ()
     }
     assert spec_endpoints() == routes
