@@ -1,51 +1,49 @@
-"""One chat turn: save the user's message, stream the provider's reply, save the reply.
+"""A turn: save the user's message, start the reply's generation, answer the client.
 
-This is the one place where a request, a provider stream and the disk meet, so it owns the
-hard cases: a client that goes away (the upstream is closed at once and the partial reply saved
-as `incomplete`), a provider that fails (the reply is saved as `error`), keep-alives during long
-silences, and a save that must survive the cancellation of the task that started it.
+Starting a turn (`begin_turn`: a message, a regenerate or an edit) validates, builds the history
+the model is sent (the branch being answered, fitted into the model's context window) and saves
+the user's message with a placeholder reply before any provider call. The reply itself is made by
+a `generation.Generation`; the client is answered by subscribing to it, as JSON once it has ended
+or as server-sent events (`EventStream`). The routes for a conversation's messages (regenerate,
+edit, stop, re-attach, tree) are here too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import anyio
 import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 import storage
-import usage as ledger
-from providers import ChatMessage, ChatRequest, Finish, Provider, ProviderError, ProviderTable, resolve
+import tokens
+from generation import Generation, Generations, TitleGeneration
+from providers import ChatMessage, ChatRequest, Provider, ProviderError, ProviderTable, resolve
+from schemas import ChatOut, EditIn, RegenerateIn, TreeOut
 from storage import Conversation, Message, Params, StorageError, Store
+from web import JSON, APIError, StoreDep, TableDep, client_key, error, provider_error_response
 
 log = logging.getLogger("chat.turn")
 
-KEEPALIVE_SECONDS = 15.0
-Emit = Callable[[str | None], Awaitable[None]]  # text to relay, or None for a keep-alive
+OnDisconnect = Literal["stop", "continue"]
+SHUTDOWN = {"type": "server_shutdown", "message": "the server is shutting down; the reply so far is saved"}
 
 
-class TurnTracker:
-    """The turns in progress, so that shutdown can end them at once and wait until they are saved."""
+class ContextTooLong(APIError):
+    status_code = 400
+    type = "context_too_long"
 
-    def __init__(self) -> None:
-        self.unsaved: set[asyncio.Future[None]] = set()
-        self.stopping = asyncio.Event()
 
-    def stop(self) -> None:
-        self.stopping.set()
-
-    async def wait_saved(self, seconds: float) -> int:
-        """Wait (at most `seconds`) for every turn's reply to be on disk; returns how many were running."""
-        count = len(self.unsaved)
-        if self.unsaved:
-            await asyncio.wait(self.unsaved, timeout=seconds)
-        return count
+class InvalidEventId(APIError):
+    status_code = 400
+    type = "invalid_event_id"
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,21 @@ class TurnOptions:
     max_tokens: int | None = None
 
 
+@dataclass
+class Turn:
+    """A turn whose messages are on disk; `generation` is None when its reply is not running here."""
+
+    conversation_id: str
+    user_message: Message
+    reply: Message
+    generation: Generation | None
+    sibling_ids: list[str]
+
+    def shown(self, reply: Message) -> dict[str, Any]:
+        """A reply as the API answers it: with `sibling_ids`, as GET shows it."""
+        return {**reply, "sibling_ids": self.sibling_ids}
+
+
 def effective_params(conversation: Conversation, options: TurnOptions) -> Params:
     params = conversation["params"]
     return {
@@ -66,188 +79,182 @@ def effective_params(conversation: Conversation, options: TurnOptions) -> Params
     }
 
 
-@dataclass
-class Turn:
-    """A turn whose user message and placeholder reply are on disk; `run` streams and saves."""
+# --- fitting the history into the model's context window ----------------------------------------
 
-    store: Store
-    conversation_id: str
-    user_message: Message
-    reply: Message
-    provider: Provider
-    request: ChatRequest
-    tracker: TurnTracker
-    usage: ledger.Usage
-    parts: list[str] = field(default_factory=list)
-    finish: Finish | None = None
-    error: ProviderError | None = None
-    final: Message | None = None  # the reply as saved, once `run` has ended
 
-    async def run(self, emit: Emit) -> Message:
-        """Relay the reply through `emit`, then save it; the save survives cancellation.
+class NeedWindow(Exception):
+    """Raised while building a request: the model's context window is not known yet."""
 
-        The turn stays in the tracker until its reply is on disk, so shutdown can wait for it.
-        """
-        saved = asyncio.get_running_loop().create_future()
-        self.tracker.unsaved.add(saved)
-        try:
-            await self._relay(emit)
-        finally:
-            final = self.final = self._final_reply()
-            save = asyncio.ensure_future(self._account_and_save(final))
-            save.add_done_callback(lambda _: self._settle(saved, save, final))
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([save])
-        save.result()  # a failed save raises StorageError here, unless the turn was cancelled
-        return final
+    def __init__(self, provider: Provider, model: str) -> None:
+        super().__init__(model)
+        self.provider, self.model = provider, model
 
-    async def _account_and_save(self, final: Message) -> None:
-        """Count the generation in the usage ledger (unless it failed before any text), then save."""
-        if self.error is None or final["content"]:
-            reported = (self.finish.input_tokens, self.finish.output_tokens) if self.finish else None
-            prompt = [m.content for m in self.request.messages]
-            if self.request.system:
-                prompt.append(self.request.system)
-            input_tokens, output_tokens, estimated = ledger.counted_tokens(reported, prompt, final["content"])
-            entry = await self.usage.record(
-                provider=self.provider.name,
-                model=self.request.model,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                estimated=estimated,
-                conversation_id=self.conversation_id,
-            )
-            counted: storage.Usage = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-            if estimated:
-                counted["estimated"] = True
-            final["usage"] = counted
-            final["cost"] = entry.cost
-        await self.store.finish_reply(self.conversation_id, final)
 
-    def _settle(self, saved: asyncio.Future[None], save: asyncio.Future[None], final: Message) -> None:
-        """The save is over: release shutdown's wait, and say in the log what became of the reply."""
-        self.tracker.unsaved.discard(saved)
-        saved.set_result(None)
-        failure = "cancelled" if save.cancelled() else save.exception()
-        if failure is None:
-            self._log(final)
-        else:  # also reached when nobody awaits `save` any more (client gone, shutdown)
-            log.error("the reply in conversation %s was not saved: %s", self.conversation_id, failure)
+def fit_history(
+    messages: list[ChatMessage], system: str | None, window: int | None, max_tokens: int | None
+) -> tuple[list[ChatMessage], int]:
+    """The newest messages that fit the window with room for the reply; and how many were left out.
 
-    async def _relay(self, emit: Emit) -> None:
-        queue: asyncio.Queue[str | Finish | ProviderError] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(queue))
-        try:
-            while self.finish is None and self.error is None:
-                try:
-                    async with asyncio.timeout(KEEPALIVE_SECONDS):
-                        item = await queue.get()
-                except TimeoutError:
-                    await emit(None)
-                    continue
-                texts = []
-                while True:  # deltas that arrived together go out as one
-                    if isinstance(item, str):
-                        texts.append(item)
-                    elif isinstance(item, Finish):
-                        self.finish = item
-                    else:
-                        self.error = item
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                if texts:
-                    text = "".join(texts)
-                    self.parts.append(text)
-                    await emit(text)
-        finally:
-            pump.cancel()  # closes the upstream connection if it is still open
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([pump])
-
-    async def _pump(self, queue: asyncio.Queue[str | Finish | ProviderError]) -> None:
-        try:
-            first = True
-            async for item in self.provider.stream(self.request):
-                queue.put_nowait(item)
-                if first:  # relay the first delta now, not after the rest of this read is parsed
-                    first = False
-                    await asyncio.sleep(0)
-        except ProviderError as exc:
-            queue.put_nowait(exc)
-        except Exception:
-            log.exception("unexpected error while streaming from %s", self.provider.name)
-            queue.put_nowait(ProviderError(f"unexpected error while streaming from {self.provider.name}"))
-
-    def _final_reply(self) -> Message:
-        reply: Message = {**self.reply, "content": "".join(self.parts)}
-        if self.finish is not None:
-            reply["status"] = "complete"
-            reply["finish_reason"] = self.finish.reason
-            reply["usage"] = {
-                "input_tokens": self.finish.input_tokens,
-                "output_tokens": self.finish.output_tokens,
-            }
-        elif self.error is not None:
-            reply["status"] = "error"
-            reply["error"] = {"type": self.error.type, "message": self.error.detail}
-        return reply
-
-    def _log(self, reply: Message) -> None:
-        usage = reply.get("usage") or {"input_tokens": None, "output_tokens": None}
-        log.info(
-            "turn conversation=%s model=%s status=%s chars=%d input_tokens=%s output_tokens=%s",
-            self.conversation_id,
-            reply.get("model"),
-            reply.get("status"),
-            len(reply["content"]),
-            usage.get("input_tokens"),
-            usage.get("output_tokens"),
+    Room for the reply is `max_tokens`, else a quarter of the window. The system prompt and the
+    newest message always go; the history sent starts with a user message. Walks from the newest
+    message back, so a long conversation costs no more than one window's worth of estimating.
+    """
+    if window is None:
+        return messages, 0
+    reserve = max_tokens if max_tokens is not None else window // 4
+    fixed = tokens.estimate_messages([system]) if system else 0
+    newest = tokens.estimate_messages([messages[-1].content])
+    if fixed + newest + reserve > window:
+        raise ContextTooLong(
+            f"the message is about {newest} tokens (system prompt {fixed}, room for the reply "
+            f"{reserve}), more than the model's context window of {window} tokens; shorten it, "
+            f"lower max_tokens, or choose a model with a larger window"
         )
+    used, start = fixed + newest + reserve, len(messages) - 1
+    while start > 0:
+        cost = tokens.estimate_messages([messages[start - 1].content])
+        if used + cost > window:
+            break
+        used, start = used + cost, start - 1
+    while start < len(messages) - 1 and messages[start].role != "user":
+        start += 1
+    return messages[start:], start
+
+
+def build_request(
+    conversation: Conversation,
+    table: ProviderTable,
+    options: TurnOptions,
+    parent_id: str | None,
+    user_text: str,
+) -> tuple[Message, Provider, ChatRequest]:
+    """The placeholder reply and the request for a user message `user_text` under `parent_id`.
+
+    The history is that branch only; replies that failed with no text are left out.
+    """
+    model = options.model or conversation["model"]
+    provider, upstream_model = resolve(table, model)
+    known, window = provider.known_context_window(upstream_model)
+    if not known:
+        raise NeedWindow(provider, upstream_model)
+    system = conversation["system"] if options.system is None else options.system
+    params = effective_params(conversation, options)
+    history = [
+        ChatMessage(m["role"], m["content"])
+        for m in storage.branch_to(conversation, parent_id)
+        if m["content"]
+    ]
+    messages, left_out = fit_history(
+        [*history, ChatMessage("user", user_text)], system, window, params["max_tokens"]
+    )
+    request = ChatRequest(
+        model=upstream_model,
+        messages=messages,
+        system=system,
+        temperature=params["temperature"],
+        max_tokens=params["max_tokens"],
+    )
+    reply = storage.placeholder_reply(model, params)
+    if system != conversation["system"]:
+        reply["system"] = system
+    if left_out:
+        reply["messages_left_out"] = left_out
+    return reply, provider, request
+
+
+# --- starting a turn ----------------------------------------------------------------------------
+
+Action = Literal["chat", "regenerate", "edit"]
+MakeReply = Callable[[Conversation, str | None, str], Message]  # (conversation, parent id, user text)
 
 
 async def begin_turn(
     store: Store,
     table: ProviderTable,
-    tracker: TurnTracker,
-    usage: ledger.Usage,
+    generations: Generations,
     *,
+    client: str,
+    action: Action = "chat",
     conversation_id: str | None,
-    text: str,
+    message_id: str | None = None,
+    text: str = "",
     options: TurnOptions,
     default_model: str,
+    client_message_id: str | None = None,
 ) -> Turn:
-    """Validate, then save the user's message (and a placeholder reply) before any provider call.
+    """Validate, save the user's message (and a placeholder reply), then start the generation.
 
-    Without a conversation id a new conversation is created from the options, in the same write.
-    An unknown or unconfigured provider raises before anything is written.
+    `chat` continues from the current leaf (or, without a conversation id, creates a conversation
+    from the options in the same write); `regenerate` adds a reply beside `message_id` (a reply);
+    `edit` adds `text` beside `message_id` (a user message). A refusal raises before anything is
+    written. A `client_message_id` already in the conversation answers that earlier turn.
     """
+    generations.admit(client)
     if conversation_id is None:
         resolve(table, options.model or default_model)  # refuse before a new file exists
     chosen: list[tuple[Provider, ChatRequest]] = []
 
-    def make_reply(conversation: Conversation) -> Message:
-        model = options.model or conversation["model"]
-        provider, upstream_model = resolve(table, model)
-        usage.check_budget(provider.name)  # refused before anything is written
-        system = conversation["system"] if options.system is None else options.system
-        params = effective_params(conversation, options)
-        history = [
-            ChatMessage(m["role"], m["content"]) for m in storage.current_branch(conversation) if m["content"]
-        ]
-        request = ChatRequest(
-            model=upstream_model,
-            messages=[*history, ChatMessage("user", text)],
-            system=system,
-            temperature=params["temperature"],
-            max_tokens=params["max_tokens"],
-        )
+    def make_reply(conversation: Conversation, parent_id: str | None, user_text: str) -> Message:
+        reply, provider, request = build_request(conversation, table, options, parent_id, user_text)
+        generations.check_budget(provider.name)  # inside the write: a refusal saves nothing
         chosen.append((provider, request))
-        reply = storage.placeholder_reply(model, params)
-        if system != conversation["system"]:
-            reply["system"] = system
         return reply
 
+    for attempt in (1, 2):
+        try:
+            record = await save_turn(
+                store,
+                action,
+                conversation_id,
+                message_id,
+                text,
+                options,
+                default_model,
+                client_message_id,
+                make_reply,
+            )
+            break
+        except NeedWindow as need:  # look the window up (once per model), then build again
+            if attempt == 2:
+                raise
+            await need.provider.context_window(need.model)
+    if record.repeated:
+        running = generations.get(record.reply["id"])
+        return Turn(record.conversation_id, record.user_message, record.reply, running, record.sibling_ids)
+    provider, request = chosen[-1]
+    generation = generations.start(Generation(store, record.conversation_id, record.reply, provider, request))
+    return Turn(record.conversation_id, record.user_message, record.reply, generation, record.sibling_ids)
+
+
+async def save_turn(
+    store: Store,
+    action: Action,
+    conversation_id: str | None,
+    message_id: str | None,
+    text: str,
+    options: TurnOptions,
+    default_model: str,
+    client_message_id: str | None,
+    make_reply: MakeReply,
+) -> storage.TurnRecord:
+    if action == "regenerate":
+        assert conversation_id is not None and message_id is not None
+        return await store.add_reply(
+            conversation_id,
+            message_id,
+            lambda conversation, user: make_reply(conversation, user["parent_id"], user["content"]),
+            client_message_id=client_message_id,
+        )
+    if action == "edit":
+        assert conversation_id is not None and message_id is not None
+
+        def edited(conversation: Conversation) -> Message:
+            parent_id = storage.find_message(conversation, message_id)["parent_id"]
+            return make_reply(conversation, parent_id, text)
+
+        return await store.append_turn(
+            conversation_id, text, edited, edit_of=message_id, client_message_id=client_message_id
+        )
     target: str | Conversation
     if conversation_id is not None:
         target = conversation_id
@@ -257,43 +264,58 @@ async def begin_turn(
             system=options.system,
             params={"temperature": options.temperature, "max_tokens": options.max_tokens},
         )
-    record = await store.append_turn(target, text, make_reply)
-    provider, request = chosen[-1]
-    return Turn(
-        store=store,
-        conversation_id=record.conversation_id,
-        user_message=record.user_message,
-        reply=record.reply,
-        provider=provider,
-        request=request,
-        tracker=tracker,
-        usage=usage,
+    return await store.append_turn(
+        target,
+        text,
+        lambda conversation: make_reply(conversation, conversation["current_id"], text),
+        client_message_id=client_message_id,
     )
 
 
-# --- the two ways a turn is answered ------------------------------------------------------------
+# --- answering: JSON once the reply has ended, or server-sent events as it is written --------------
 
 
-def sse(event: str, data: Any) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+def sse(event: str, data: Any, event_id: int | None = None) -> bytes:
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    return head + b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def error_payload(error: ProviderError | StorageError) -> dict[str, str]:
+def error_payload(error: ProviderError | StorageError | APIError) -> dict[str, str]:
     return {"type": error.type, "message": error.detail}
 
 
-SHUTDOWN = {"type": "server_shutdown", "message": "the server is shutting down; the reply so far is saved"}
+def ending(turn: Turn, reply: Message) -> tuple[str, dict[str, Any]]:
+    """The last event of a stream: `done`, or `error` saying why the reply ended as it did."""
+    generation = turn.generation
+    failure: dict[str, Any] | None = None
+    if generation is not None and generation.save_error is not None:
+        failure = error_payload(generation.save_error)
+    elif generation is not None and generation.stop_reason == "shutdown":
+        failure = SHUTDOWN
+    elif reply.get("status") == "error":
+        failure = dict(reply.get("error") or {"type": "provider_error", "message": "the reply failed"})
+    if failure is None:
+        return "done", {"message": turn.shown(reply)}
+    return "error", {"error": failure, "message": turn.shown(reply)}
+
+
+async def disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class EventStream(Response):
-    """`text/event-stream` of one turn: `start`, `delta`s, then `done` or `error`.
+    """`text/event-stream` of one reply: `start`, `delta`s, then `done` or `error`.
 
-    Events are encoded here as bytes (FastAPI's EventSourceResponse costs ~8x more per event);
-    the headers and the 15 s keep-alive match it. A client disconnect cancels the relay, which
-    closes the upstream stream; the partial reply is saved as `incomplete`.
+    Each `delta` carries `id:` = the code points of the reply delivered up to and including it
+    (`start` carries the offset the stream begins at, 0 for a new reply), so a client that comes
+    back with `Last-Event-ID` misses and repeats nothing. Events are encoded here as bytes
+    (FastAPI's EventSourceResponse costs ~8x more per event); the headers and the 15 s keep-alive
+    match it. When the client goes away, `on_disconnect="stop"` ends the reply (saved as
+    `incomplete`, upstream closed); `"continue"` lets it run on and be saved.
     """
 
-    def __init__(self, turn: Turn) -> None:
+    def __init__(self, turn: Turn, on_disconnect: OnDisconnect = "stop", after: int = 0) -> None:
         # Not Response.__init__: that would declare Content-Length: 0 for a body we stream.
         self.status_code = 200
         self.background = None
@@ -302,14 +324,13 @@ class EventStream(Response):
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
         ]
-        self.turn = turn
+        self.turn, self.on_disconnect, self.after = turn, on_disconnect, after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        turn = self.turn
+        turn, generation = self.turn, self.turn.generation
 
-        async def emit(text: str | None) -> None:
-            body = b": keep-alive\n\n" if text is None else sse("delta", {"text": text})
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+        async def body(chunk: bytes, more: bool = True) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
 
         start = {
             "conversation_id": turn.conversation_id,
@@ -317,50 +338,295 @@ class EventStream(Response):
             "message_id": turn.reply["id"],
         }
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": sse("start", start), "more_body": True})
-        try:
-            outcome = await run_watched(turn, receive, emit)
-        except StorageError as exc:
-            end = sse("error", {"error": error_payload(exc), "message": turn.final})
+        await body(sse("start", start, self.after))
+        if generation is None:
+            reply = turn.reply
+            if len(reply["content"]) > self.after:
+                await body(sse("delta", {"text": reply["content"][self.after :]}, len(reply["content"])))
         else:
-            if outcome == "gone":
+            gone = False
+            async with anyio.create_task_group() as group:
+
+                async def watch() -> None:
+                    nonlocal gone
+                    await disconnected(receive)
+                    gone = True
+                    if self.on_disconnect == "stop":
+                        generation.stop("disconnected")
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch)
+                async for item in generation.follow(self.after):
+                    if item is None:
+                        await body(b": keep-alive\n\n")
+                    else:
+                        await body(sse("delta", {"text": item[1]}, item[0]))
+                reply = await generation.wait()
+                group.cancel_scope.cancel()
+            if gone:
                 return
-            end = sse("done", {"message": turn.final})
-            if outcome == "stopped":
-                end = sse("error", {"error": SHUTDOWN, "message": turn.final})
-            elif turn.error is not None:
-                end = sse("error", {"error": error_payload(turn.error), "message": turn.final})
-        await send({"type": "http.response.body", "body": end, "more_body": False})
+        name, data = ending(turn, reply)
+        await body(sse(name, data), more=False)
 
 
-async def run_watched(turn: Turn, receive: Receive, emit: Emit) -> Literal["done", "gone", "stopped"]:
-    """Run the turn until it ends ("done"), the client disconnects ("gone") or the server stops."""
-    outcome: Literal["done", "gone", "stopped"] = "done"
-    failed: list[StorageError] = []
+async def answer_json(turn: Turn, receive: Receive, on_disconnect: OnDisconnect) -> Response:
+    """The reply once it has ended; 499 (nobody reads it) if the client went away first."""
+    generation = turn.generation
+    if generation is None:
+        return JSON({"conversation_id": turn.conversation_id, "message": turn.shown(turn.reply)})
+    gone = False
+    async with anyio.create_task_group() as group:
 
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    async def watch(event: Literal["gone", "stopped"], happened: Callable[[], Awaitable[Any]]) -> None:
-        nonlocal outcome
-        await happened()
-        if turn.final is None:  # once the reply is final, a late stop or disconnect changes nothing
-            outcome = event
+        async def watch() -> None:
+            nonlocal gone
+            await disconnected(receive)
+            gone = True
+            if on_disconnect == "stop":
+                generation.stop("disconnected")
             group.cancel_scope.cancel()
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(watch, "gone", disconnected)
-        group.start_soon(watch, "stopped", turn.tracker.stopping.wait)
-        try:
-            await turn.run(emit)
-        except StorageError as exc:  # kept out of the task group, which would wrap it in a group
-            failed.append(exc)
+        group.start_soon(watch)
+        reply = await generation.wait()
         group.cancel_scope.cancel()
-    if failed:
-        raise failed[0]
-    return outcome
+    if gone:
+        return Response(status_code=499)
+    if generation.save_error is not None:
+        raise generation.save_error
+    extra: dict[str, Any] = {"conversation_id": turn.conversation_id, "message": turn.shown(reply)}
+    if generation.stop_reason == "shutdown":
+        return error(503, SHUTDOWN["message"], "server_shutdown", None, **extra)
+    if generation.error is not None:
+        return provider_error_response(generation.error, **extra)
+    return JSON(extra)
 
 
-async def ignore(_: str | None) -> None:
-    """The `emit` of a turn answered as a whole."""
+async def answer(turn: Turn, receive: Receive, stream: bool, on_disconnect: OnDisconnect) -> Response:
+    if stream:
+        return EventStream(turn, on_disconnect)
+    return await answer_json(turn, receive, on_disconnect)
+
+
+# --- titles -------------------------------------------------------------------------------------
+
+TITLE_PROMPT = (
+    "Write a title of at most six words for a conversation that begins with the message below. "
+    "Answer with the title only: no quotes, no punctuation at the end.\n\n"
+)
+
+
+async def title_after(
+    turn: Turn, store: Store, table: ProviderTable, generations: Generations, title_model: str
+) -> None:
+    """After the first complete reply, ask `title_model` for a title in the background.
+
+    Never delays a reply; a failure keeps the fallback (the first words of the first message);
+    a title the user set is never replaced (the store checks, under the lock, that the title is
+    still the fallback).
+    """
+    if turn.generation is None or turn.user_message["parent_id"] is not None:
+        return
+    reply = await turn.generation.wait()
+    if reply.get("status") != "complete":
+        return
+    try:
+        provider, upstream_model = resolve(table, title_model)
+    except ProviderError as exc:
+        log.warning("CHAT_TITLE_MODEL %s: %s", title_model, exc.detail)
+        return
+    request = ChatRequest(
+        model=upstream_model,
+        messages=[ChatMessage("user", TITLE_PROMPT + turn.user_message["content"][:4000])],
+        max_tokens=32,
+    )
+    placeholder = storage.placeholder_reply(title_model, {"temperature": None, "max_tokens": 32})
+    generations.start(TitleGeneration(store, turn.conversation_id, placeholder, provider, request))
+
+
+# --- routes for a conversation's messages -------------------------------------------------------
+
+router = APIRouter(tags=["messages"])
+
+
+async def get_generations(request: Request) -> Generations:
+    generations: Generations = request.app.state.generations
+    return generations
+
+
+GenerationsDep = Annotated[Generations, Depends(get_generations)]
+
+
+def options_of(body: RegenerateIn | EditIn) -> TurnOptions:
+    return TurnOptions(body.model, None, body.temperature, body.max_tokens)
+
+
+async def start_and_answer(
+    request: Request, turn: Turn, stream: bool, on_disconnect: OnDisconnect
+) -> Response:
+    state = request.app.state
+    if state.title_model and turn.generation is not None and not turn.user_message["parent_id"]:
+        task = asyncio.create_task(
+            title_after(turn, state.store, state.providers, state.generations, state.title_model)
+        )
+        state.background.add(task)
+        task.add_done_callback(state.background.discard)
+    return await answer(turn, request.receive, stream, on_disconnect)
+
+
+MESSAGE = "/api/conversations/{conversation_id}/messages/{message_id}"
+
+
+@router.post(f"{MESSAGE}/regenerate", response_model=ChatOut)
+async def regenerate(
+    conversation_id: str,
+    message_id: str,
+    body: RegenerateIn,
+    request: Request,
+    store: StoreDep,
+    table: TableDep,
+    generations: GenerationsDep,
+) -> Response:
+    """A new reply to the same user message, beside the old one (which stays); answered as chat is."""
+    turn = await begin_turn(
+        store,
+        table,
+        generations,
+        client=client_key(request),
+        action="regenerate",
+        conversation_id=conversation_id,
+        message_id=message_id,
+        options=options_of(body),
+        default_model=request.app.state.default_model,
+        client_message_id=body.client_message_id,
+    )
+    return await start_and_answer(request, turn, body.stream, body.on_disconnect)
+
+
+@router.post(f"{MESSAGE}/edit", response_model=ChatOut)
+async def edit(
+    conversation_id: str,
+    message_id: str,
+    body: EditIn,
+    request: Request,
+    store: StoreDep,
+    table: TableDep,
+    generations: GenerationsDep,
+) -> Response:
+    """A new user message beside `message_id` (same parent) and a reply to it: a new branch."""
+    turn = await begin_turn(
+        store,
+        table,
+        generations,
+        client=client_key(request),
+        action="edit",
+        conversation_id=conversation_id,
+        message_id=message_id,
+        text=body.message,
+        options=options_of(body),
+        default_model=request.app.state.default_model,
+        client_message_id=body.client_message_id,
+    )
+    return await start_and_answer(request, turn, body.stream, body.on_disconnect)
+
+
+async def saved_turn(store: Store, conversation_id: str, message_id: str) -> Turn:
+    """A reply as saved (and its user message), for a reply not running in this process."""
+    conversation = await store.get(conversation_id)
+    if not storage.is_valid_id(message_id):
+        message_id = repr(message_id)[:80]
+    reply = storage.find_message(conversation, message_id)
+    if reply["role"] != "assistant":
+        raise storage.WrongMessageRole(
+            f"message {message_id} is a user message; streams and stops are of replies: send a reply's id"
+        )
+    user = storage.find_message(conversation, reply["parent_id"] or "")
+    return Turn(conversation_id, user, reply, None, storage.sibling_ids(conversation)[user["id"]])
+
+
+async def running_turn(store: Store, generations: Generations, conversation_id: str, message_id: str) -> Turn:
+    generation = generations.get(message_id)
+    if generation is None or generation.conversation_id != conversation_id:
+        return await saved_turn(store, conversation_id, message_id)
+    conversation = await store.get(conversation_id)  # also 404s a deleted conversation
+    user_id = generation.reply["parent_id"] or ""
+    user, siblings = storage.find_message(conversation, user_id), storage.sibling_ids(conversation)[user_id]
+    return Turn(conversation_id, user, generation.reply, generation, siblings)
+
+
+@router.post(f"{MESSAGE}/stop", response_model=ChatOut)
+async def stop(
+    conversation_id: str, message_id: str, store: StoreDep, generations: GenerationsDep
+) -> Response:
+    """End a reply being generated here: saved as `incomplete`, `finish_reason: "stopped"`."""
+    turn = await running_turn(store, generations, conversation_id, message_id)
+    if turn.generation is None:
+        return JSON({"conversation_id": conversation_id, "message": turn.shown(turn.reply)})
+    turn.generation.stop("stopped")
+    with anyio.CancelScope(shield=True):
+        reply = await turn.generation.wait()
+    return JSON({"conversation_id": conversation_id, "message": turn.shown(reply)})
+
+
+@router.get(
+    f"{MESSAGE}/stream",
+    response_model=None,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "start, delta..., done or error"}},
+)
+async def reattach(
+    conversation_id: str,
+    message_id: str,
+    store: StoreDep,
+    generations: GenerationsDep,
+    after: Annotated[int, Query(ge=0, description="code points already received")] = 0,
+    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+) -> Response:
+    """Re-attach to a reply: the text after `after` (or `Last-Event-ID`), then live deltas and the end.
+
+    Detaching never stops the reply (on_disconnect is `continue` here).
+    """
+    if last_event_id is not None:
+        if not last_event_id.isdigit():
+            raise InvalidEventId(
+                f"Last-Event-ID {last_event_id!r} is not one this service sent: echo the id of the last "
+                f"event received"
+            )
+        after = int(last_event_id)
+    turn = await running_turn(store, generations, conversation_id, message_id)
+    length = turn.generation.length if turn.generation is not None else len(turn.reply["content"])
+    if after > length:
+        raise InvalidEventId(
+            f"the reply has {length} characters so far, so {after} is past its end: echo the id of the "
+            f"last event received"
+        )
+    return EventStream(turn, "continue", after)
+
+
+@router.get("/api/conversations/{conversation_id}/tree", response_model=TreeOut, tags=["conversations"])
+async def tree(conversation_id: str, store: StoreDep, generations: GenerationsDep) -> Response:
+    """Every message of every branch (in the order they were added) and the current leaf."""
+    conversation = await store.get(conversation_id)
+    return JSON(
+        {
+            "id": conversation["id"],
+            "current_id": conversation["current_id"],
+            "messages": with_siblings(conversation, conversation["messages"], generations),
+        }
+    )
+
+
+def with_siblings(
+    conversation: Conversation, messages: list[Message], generations: Generations
+) -> list[dict[str, Any]]:
+    """Messages as the API shows them: live text of replies generating here, and `sibling_ids`."""
+    children = storage.sibling_ids(conversation)
+    return [{**generations.live(m), "sibling_ids": children[m["parent_id"]]} for m in messages]
+
+
+def conversation_view(conversation: Conversation, generations: Generations) -> dict[str, Any]:
+    """A conversation as GET shows it: its fields and the messages of its current branch."""
+    out: dict[str, Any] = {k: v for k, v in conversation.items() if k not in ("messages", "schema_version")}
+    branch = storage.current_branch(conversation)
+    return {
+        **out,
+        **storage.summarize(conversation),
+        "messages": with_siblings(conversation, branch, generations),
+    }

@@ -41,6 +41,7 @@ from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 import chat
 import exporting
+import generation
 import importing
 import page
 import providers
@@ -62,8 +63,8 @@ from schemas import (
     ParamsModel,
 )
 from search_index import IndexDep, SearchIndex
-from storage import Conversation, StorageError, Store, current_branch, summarize
-from web import JSON, StoreDep, TableDep, error
+from storage import StorageError, Store
+from web import JSON, APIError, StoreDep, TableDep, client_key, error, provider_error_response
 
 __version__ = "0.1.0"
 
@@ -96,6 +97,7 @@ class Server(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_url: str = Field(pattern=r"^https?://\S+$")
     api_key: SecretStr | None = None
+    context_tokens: int | None = Field(None, ge=256, description="the server's context window, in tokens")
 
     @model_validator(mode="before")
     @classmethod
@@ -143,6 +145,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(PROJECT_DIR / "data", alias="CHAT_DATA_DIR", examples=["/home/you/chat-data"])
     default_model: str | None = Field(
         None, alias="CHAT_DEFAULT_MODEL", pattern=r"^[^/\s]+/\S+$", examples=["ollama/llama3.2"]
+    )
+    title_model: str | None = Field(
+        None, alias="CHAT_TITLE_MODEL", pattern=r"^[^/\s]+/\S+$", examples=["ollama/llama3.2"]
     )
     api_token: SecretStr | None = Field(
         None, alias="CHAT_API_TOKEN", min_length=16, examples=["$(openssl rand -hex 16)"]
@@ -330,7 +335,13 @@ def build_providers(settings: Settings) -> ProviderTable:
         ),
     }
     for name, server in settings.servers.items():
-        table[name] = OpenAICompatible(name, server.base_url, secret(server.api_key), timeouts=timeouts)
+        table[name] = OpenAICompatible(
+            name,
+            server.base_url,
+            secret(server.api_key),
+            timeouts=timeouts,
+            context_tokens=server.context_tokens,
+        )
     return table
 
 
@@ -379,10 +390,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         index.close()  # a build in progress stops at its next batch
         freshening.cancel()
-        tracker: chat.TurnTracker = app.state.turns
-        tracker.stop()
-        if running := await tracker.wait_saved(max(settings.shutdown_timeout, 5.0)):
-            log.info("waited for %d open turns to save their replies", running)
+        generations: generation.Generations = app.state.generations
+        generations.stop_all()
+        if running := await generations.wait_saved(max(settings.shutdown_timeout, 5.0)):
+            log.info("waited for %d generations to save their replies", running)
         await providers.close_all(app.state.providers)
 
 
@@ -403,7 +414,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = Store(settings.data_dir, indexer=app.state.index)
     app.state.providers = build_providers(settings)
     app.state.default_model = default_model(settings, app.state.providers)
-    app.state.turns = chat.TurnTracker()
     app.state.usage = usage.Usage(
         settings.data_dir,
         prices=settings.prices,
@@ -411,6 +421,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_concurrent=settings.max_concurrent_generations,
         budgets=settings.budgets,
     )
+    app.state.generations = generation.Generations(usage=app.state.usage)
+    app.state.title_model = settings.title_model
+    app.state.background = set()  # title tasks, kept referenced until they end
     token = settings.api_token.get_secret_value() if settings.api_token is not None else None
     app.add_middleware(
         Guard,
@@ -440,6 +453,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page.router)
     app.include_router(search_index.router)
     app.include_router(exporting.router)
+    app.include_router(chat.router)
     add_docs(app, token_required=token is not None)
     return app
 
@@ -489,6 +503,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(usage.LimitReached)
     async def limit_reached(request: Request, exc: usage.LimitReached) -> Response:
         return error(exc.status_code, exc.detail, exc.type, exc.headers, **exc.extra)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return error(exc.status_code, exc.detail, exc.type)
 
     @app.exception_handler(StorageError)
     async def storage_error(request: Request, exc: StorageError) -> Response:
@@ -597,33 +615,18 @@ def add_routes(app: FastAPI) -> None:
     @app.post("/api/chat", response_model=ChatOut, tags=["chat"], responses={200: chat_stream_doc()})
     async def chat_turn(body: ChatIn, request: Request, store: StoreDep, table: TableDep) -> Response:
         """Send a message and get the reply, whole or streamed as server-sent events."""
-        if request.app.state.turns.stopping.is_set():
-            return error(
-                503, "the server is shutting down; send the message again shortly", "server_shutdown"
-            )
-        request.app.state.usage.admit(client_key(request), running=len(request.app.state.turns.unsaved))
         turn = await chat.begin_turn(
             store,
             table,
-            request.app.state.turns,
-            request.app.state.usage,
+            request.app.state.generations,
+            client=client_key(request),
             conversation_id=body.conversation_id,
             text=body.message,
             options=chat.TurnOptions(body.model, body.system, body.temperature, body.max_tokens),
             default_model=request.app.state.default_model,
+            client_message_id=body.client_message_id,
         )
-        if body.stream:
-            return chat.EventStream(turn)
-        outcome = await chat.run_watched(turn, request.receive, chat.ignore)
-        reply = turn.final
-        if outcome == "gone":
-            return Response(status_code=499)  # the client is gone; nobody reads this
-        if outcome == "stopped":
-            detail = chat.SHUTDOWN["message"]
-            return error(503, detail, "server_shutdown", conversation_id=turn.conversation_id, message=reply)
-        if turn.error is not None:
-            return provider_error_response(turn.error, conversation_id=turn.conversation_id, message=reply)
-        return JSON({"conversation_id": turn.conversation_id, "message": reply})
+        return await chat.start_and_answer(request, turn, body.stream, body.on_disconnect)
 
     @app.post("/api/conversations", status_code=201, response_model=ConversationOut, tags=["conversations"])
     async def create_conversation(
@@ -636,7 +639,7 @@ def add_routes(app: FastAPI) -> None:
         conversation = await store.create(
             model=model, system=body.system, params=params_dict(body.params), title=body.title
         )
-        return JSON(conversation_out(conversation), status_code=201)
+        return JSON(chat.conversation_view(conversation, request.app.state.generations), status_code=201)
 
     @app.get("/api/conversations", response_model=PageOut, tags=["conversations"])
     async def list_conversations(
@@ -651,24 +654,35 @@ def add_routes(app: FastAPI) -> None:
         return JSON({"items": items, "next_cursor": next_cursor})
 
     @app.get("/api/conversations/{conversation_id}", response_model=ConversationOut, tags=["conversations"])
-    async def get_conversation(conversation_id: str, store: StoreDep) -> Response:
+    async def get_conversation(
+        conversation_id: str, store: StoreDep, generations: chat.GenerationsDep
+    ) -> Response:
         """One conversation with the messages of its current branch, oldest first."""
-        return JSON(conversation_out(await store.get(conversation_id)))
+        return JSON(chat.conversation_view(await store.get(conversation_id), generations))
 
     @app.patch("/api/conversations/{conversation_id}", response_model=ConversationOut, tags=["conversations"])
     async def update_conversation(
-        conversation_id: str, body: ConversationPatch, store: StoreDep, table: TableDep
+        conversation_id: str,
+        body: ConversationPatch,
+        store: StoreDep,
+        table: TableDep,
+        generations: chat.GenerationsDep,
     ) -> Response:
-        """Change the title, model, system prompt or parameters; fields left out stay as they are."""
+        """Change the title, model, system prompt, parameters or the branch shown (`current_id`)."""
         changes = body.model_dump(exclude_unset=True)
         if body.model is not None:
             providers.resolve(table, body.model)
-        for name in ("title", "model", "params"):  # null means "leave as is"; only `system` can be cleared
+        for name in ("title", "model", "params", "current_id"):  # null means "leave as is"
             if name in changes and changes[name] is None:
                 changes.pop(name)
-        if not changes:
-            return JSON(conversation_out(await store.get(conversation_id)))
-        return JSON(conversation_out(await store.update(conversation_id, changes)))
+        current_id = changes.pop("current_id", None)
+        if current_id is not None:
+            conversation = await store.set_current(conversation_id, current_id)
+        if changes:
+            conversation = await store.update(conversation_id, changes)
+        elif current_id is None:
+            conversation = await store.get(conversation_id)
+        return JSON(chat.conversation_view(conversation, generations))
 
     @app.delete("/api/conversations/{conversation_id}", status_code=204, tags=["conversations"])
     async def delete_conversation(conversation_id: str, store: StoreDep) -> Response:
@@ -677,25 +691,8 @@ def add_routes(app: FastAPI) -> None:
         return Response(status_code=204)
 
 
-def client_key(request: Request) -> str:
-    """Whom a rate limit counts: the bearer token when one is set, else the peer's address."""
-    if request.app.state.settings.api_token is not None:
-        return request.headers.get("authorization", "")
-    return request.client.host if request.client else ""
-
-
-def provider_error_response(exc: ProviderError, **extra: Any) -> JSON:
-    headers = {"Retry-After": exc.retry_after} if exc.retry_after is not None else None
-    return error(exc.status_code, exc.detail, exc.type, headers, **extra)
-
-
 def params_dict(params: ParamsModel) -> Any:
     return {"temperature": params.temperature, "max_tokens": params.max_tokens}
-
-
-def conversation_out(conversation: Conversation) -> dict[str, Any]:
-    out = {k: v for k, v in conversation.items() if k not in ("messages", "schema_version")}
-    return {**out, **summarize(conversation), "messages": current_branch(conversation)}
 
 
 def provider_out(provider: Provider, listed: tuple[list[str], str] | None) -> dict[str, Any]:
@@ -824,7 +821,7 @@ def main() -> None:
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             loop: asyncio.AbstractEventLoop | None = getattr(service.state, "loop", None)
             if loop is not None:  # a signal handler may only hand work to the loop
-                loop.call_soon_threadsafe(service.state.turns.stop)
+                loop.call_soon_threadsafe(service.state.generations.stop_all)
             super().handle_exit(sig, frame)
 
     service = create_app(settings)

@@ -31,6 +31,24 @@ RETRY_DELAY = 0.5  # seconds before the one retry of a failed connection or 5xx
 MODELS_TIMEOUT = 3.0
 MODELS_TTL = 300.0
 MODELS_FAILURE_TTL = 30.0
+WINDOW_TIMEOUT = 3.0
+WINDOW_FAILURE_TTL = 30.0
+# Context windows (tokens) of hosted models, by name prefix, longest prefix first; from the
+# providers' model pages. A model not listed has an unknown window: its history is sent whole.
+KNOWN_WINDOWS: dict[str, tuple[tuple[str, int], ...]] = {
+    "openai": (
+        ("gpt-4.1", 1_047_576),
+        ("gpt-4o", 128_000),
+        ("gpt-4-turbo", 128_000),
+        ("gpt-4", 8_192),
+        ("gpt-3.5-turbo", 16_385),
+        ("gpt-5", 400_000),
+        ("o1", 200_000),
+        ("o3", 200_000),
+        ("o4-mini", 200_000),
+    ),
+    "anthropic": (("claude-", 200_000),),
+}
 
 
 # --- what a provider consumes and produces ------------------------------------------------------
@@ -211,6 +229,8 @@ class Provider:
     sdk: str = ""
     _client: Any = field(default=None, init=False, repr=False)
     _models: tuple[float, list[str], str] | None = field(default=None, init=False, repr=False)
+    context_tokens: int | None = None  # the server's window as configured (CHAT_SERVERS)
+    _windows: dict[str, tuple[float, int | None]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def configured(self) -> bool:
@@ -302,6 +322,38 @@ class Provider:
         self._models = (time.monotonic() + ttl, names, source)
         return names, source
 
+    # context windows
+
+    def known_context_window(self, model: str) -> tuple[bool, int | None]:
+        """(known, window in tokens or None for "no limit known"), without asking anyone."""
+        if self.context_tokens is not None:
+            return True, self.context_tokens
+        if (table := KNOWN_WINDOWS.get(self.name)) is not None:
+            return True, next((tokens for prefix, tokens in table if model.startswith(prefix)), None)
+        cached = self._windows.get(model)
+        if cached is None or cached[0] < time.monotonic():
+            return False, None
+        return True, cached[1]
+
+    async def context_window(self, model: str) -> int | None:
+        """The model's context window, asked of the server once (None when it cannot say)."""
+        known, window = self.known_context_window(model)
+        if known:
+            return window
+        try:
+            window = await self.ask_context_window(model)
+        except Exception as exc:
+            log.info(
+                "%s: could not learn the context window of %s (%s)", self.name, model, type(exc).__name__
+            )
+            window = None
+        expires = math.inf if window is not None else time.monotonic() + WINDOW_FAILURE_TTL
+        self._windows[model] = (expires, window)
+        return window
+
+    async def ask_context_window(self, model: str) -> int | None:
+        return None
+
     # errors
 
     def redact(self, text: str) -> str:
@@ -380,6 +432,26 @@ class OpenAICompatible(Provider):
         return module.AsyncOpenAI(
             api_key=self.api_key or "no-key-needed", base_url=self.base_url, timeout=timeout, max_retries=0
         )
+
+    async def ask_context_window(self, model: str) -> int | None:
+        """llama.cpp's `GET /props` (the window it was started with), else Ollama's `POST /api/show`."""
+        client = await self.client()
+        parts = urllib.parse.urlsplit(self.base_url)
+        root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        options = {"timeout": WINDOW_TIMEOUT}
+        with contextlib.suppress(Exception):
+            props = await client.get(f"{root}/props", cast_to=object, options=options)
+            n_ctx = props["default_generation_settings"]["n_ctx"]
+            if isinstance(n_ctx, int) and n_ctx > 0:
+                return n_ctx
+        shown = await client.post(f"{root}/api/show", body={"model": model}, cast_to=object, options=options)
+        for line in str(shown.get("parameters") or "").splitlines():  # num_ctx set in the Modelfile
+            name, _, value = line.partition(" ")
+            if name == "num_ctx" and value.strip().isdigit():
+                return int(value.strip())
+        info = shown.get("model_info") or {}
+        lengths = [v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)]
+        return lengths[0] if lengths else None
 
     def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
         messages = [{"role": "system", "content": request.system}] if request.system else []

@@ -31,6 +31,22 @@ Temperature = Annotated[float, Field(ge=0, le=2)]
 MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
 SystemPrompt = Annotated[str, Field(max_length=200_000)]
 Title = Annotated[str, Field(min_length=1, max_length=200)]
+ClientMessageId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        description="Your id for this request: a repeat with an id already in the conversation "
+        "answers that turn instead of adding another (safe retries).",
+    ),
+]
+OnDisconnect = Annotated[
+    Literal["stop", "continue"],
+    Field(
+        description='"stop": a client that goes away ends the reply (saved as incomplete); '
+        '"continue": the reply goes on and is saved (re-attach with GET .../stream).'
+    ),
+]
 
 
 class Strict(BaseModel):
@@ -47,6 +63,8 @@ class ChatIn(Strict):
     temperature: Temperature | None = None
     max_tokens: MaxTokens | None = None
     stream: bool = False
+    on_disconnect: OnDisconnect = "stop"
+    client_message_id: ClientMessageId | None = None
 
     @field_validator("message")
     @classmethod
@@ -54,6 +72,24 @@ class ChatIn(Strict):
         if not value.strip():
             raise PydanticCustomError("blank_message", "message must contain some text, not only spaces")
         return value
+
+
+class RegenerateIn(Strict):
+    model: ModelName | None = Field(None, description="provider/model; default: the conversation's.")
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+    stream: bool = False
+    on_disconnect: OnDisconnect = "stop"
+    client_message_id: ClientMessageId | None = None
+
+
+class EditIn(RegenerateIn):
+    message: str = Field(min_length=1, max_length=500_000, description="The new text of the user's message.")
+
+    @field_validator("message")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        return ChatIn._not_blank(value)
 
 
 class ParamsModel(Strict):
@@ -73,6 +109,12 @@ class ConversationPatch(Strict):
     model: ModelName | None = None
     system: SystemPrompt | None = None
     params: ParamsModel | None = None
+    current_id: str | None = Field(
+        None,
+        max_length=64,
+        description="Show the branch through this message: the current leaf becomes the newest leaf "
+        "beneath it. Changing only this keeps updated_at.",
+    )
 
 
 class UsageOut(BaseModel):
@@ -95,11 +137,18 @@ class MessageOut(BaseModel):
     model: str | None = None
     system: str | None = None
     params: ParamsModel | None = None
-    status: Literal["complete", "incomplete", "error"] | None = None
+    status: Literal["complete", "incomplete", "error", "generating"] | None = None
     finish_reason: str | None = None
     usage: UsageOut | None = None
     cost: float | None = Field(None, description="USD; null when the model's price is unknown")
     error: ErrorInfoOut | None = None
+    messages_left_out: int | None = Field(
+        None, description="Oldest messages of the branch not sent to the model: the window was full."
+    )
+    client_message_id: str | None = None
+    sibling_ids: list[str] | None = Field(
+        None, description="In GET and tree: this message and its siblings (same parent), oldest first."
+    )
 
 
 class TotalsOut(BaseModel):
@@ -123,6 +172,12 @@ class ConversationOut(SummaryOut):
     params: ParamsModel
     current_id: str | None
     messages: list[MessageOut] = Field(description="The current branch, oldest first.")
+
+
+class TreeOut(BaseModel):
+    id: str
+    current_id: str | None
+    messages: list[MessageOut] = Field(description="Every message of every branch, in the order added.")
 
 
 class PageOut(BaseModel):

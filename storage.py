@@ -27,7 +27,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NotRequired, Protocol, TypedDict, TypeVar
@@ -77,6 +77,10 @@ class Message(TypedDict):
     usage: NotRequired[Usage | None]
     cost: NotRequired[float | None]  # USD; None when the price is unknown
     error: NotRequired[ErrorInfo | None]
+    messages_left_out: NotRequired[int]  # oldest messages of the branch not sent: the window was full
+    # the client's id for the request that made this message (on the user message; on the reply
+    # for a regenerate): a repeat of that request answers this turn instead of adding another
+    client_message_id: NotRequired[str]
 
 
 class Conversation(TypedDict):
@@ -142,6 +146,16 @@ class ConversationUnreadable(StorageError):
     type = "conversation_unreadable"
 
 
+class MessageNotFound(StorageError):
+    status_code = 404
+    type = "message_not_found"
+
+
+class WrongMessageRole(StorageError):
+    status_code = 400
+    type = "wrong_message_role"
+
+
 class StorageFull(StorageError):
     status_code = 507
     type = "storage_full"
@@ -175,9 +189,14 @@ def title_from(text: str) -> str:
 
 def current_branch(conversation: Conversation) -> list[Message]:
     """The messages from the first one to `current_id`, following `parent_id` links."""
+    return branch_to(conversation, conversation["current_id"])
+
+
+def branch_to(conversation: Conversation, message_id: str | None) -> list[Message]:
+    """The messages from the first one to `message_id` (none for None), following `parent_id` links."""
     by_id = {m["id"]: m for m in conversation["messages"]}
     branch: list[Message] = []
-    node = by_id.get(conversation["current_id"] or "")
+    node = by_id.get(message_id or "")
     while node is not None and len(branch) <= len(by_id):
         branch.append(node)
         node = by_id.get(node["parent_id"] or "")
@@ -197,6 +216,50 @@ def totals(messages: list[Message]) -> Totals:
         if isinstance(cost, int | float):
             result["cost"] = round((result["cost"] or 0.0) + cost, 10)
     return result
+
+
+def find_message(conversation: Conversation, message_id: str) -> Message:
+    for message in conversation["messages"]:
+        if message["id"] == message_id:
+            return message
+    raise MessageNotFound(
+        f"no message {message_id!r} in conversation {conversation['id']}: "
+        f"see GET /api/conversations/{conversation['id']}/tree for its messages"
+    )
+
+
+def sibling_ids(conversation: Conversation) -> dict[str | None, list[str]]:
+    """parent id -> the ids of its children, oldest first (the order in which they were added)."""
+    children: dict[str | None, list[str]] = {}
+    for message in conversation["messages"]:
+        children.setdefault(message["parent_id"], []).append(message["id"])
+    return children
+
+
+def newest_leaf(conversation: Conversation, message_id: str) -> str:
+    """The most recently added message with no children among `message_id` and those beneath it."""
+    children = sibling_ids(conversation)
+    beneath = {message_id}
+    newest = message_id
+    for message in conversation["messages"]:  # parents come before their children
+        if message["parent_id"] in beneath:
+            beneath.add(message["id"])
+        if message["id"] in beneath and message["id"] not in children:
+            newest = message["id"]
+    return newest
+
+
+def find_client_turn(conversation: Conversation, client_message_id: str) -> tuple[Message, Message] | None:
+    """(user message, reply) of the turn a request with this `client_message_id` made, if any."""
+    for message in conversation["messages"]:
+        if message.get("client_message_id") != client_message_id:
+            continue
+        if message["role"] == "assistant":  # a regenerate
+            return find_message(conversation, message["parent_id"] or ""), message
+        for reply in conversation["messages"]:
+            if reply["parent_id"] == message["id"] and reply["role"] == "assistant":
+                return message, reply
+    return None
 
 
 def summarize(conversation: Conversation) -> Summary:
@@ -415,11 +478,33 @@ T = TypeVar("T")
 
 @dataclass
 class TurnRecord:
-    """What `append_turn` saved: the conversation's id and the two new messages."""
+    """What `append_turn` or `add_reply` saved: the conversation's id and the turn's messages.
+
+    `repeated`: nothing was written, the turn is the one an earlier request with the same
+    `client_message_id` made.
+    """
 
     conversation_id: str
     user_message: Message
     reply: Message
+    repeated: bool = False
+    sibling_ids: list[str] = field(default_factory=list)  # the reply's, as of this write
+
+
+class NothingToWrite(Exception):
+    """Raised inside a change to leave the file as it is."""
+
+
+class RepeatedTurn(NothingToWrite):
+    """The request was made before: nothing is written, the earlier turn is the answer."""
+
+    def __init__(self, conversation: Conversation, user_message: Message, reply: Message) -> None:
+        super().__init__("repeated")
+        self.turn = (user_message, reply)
+        self.sibling_ids = sibling_ids(conversation)[reply["parent_id"]]
+
+
+CURRENT = "current"  # append_turn's default parent: the conversation's current leaf
 
 
 Signature = tuple[int, int, int]
@@ -538,39 +623,137 @@ class Store:
         conversation: str | Conversation,
         user_text: str,
         make_reply: Callable[[Conversation], Message],
+        *,
+        edit_of: str | None = None,
+        client_message_id: str | None = None,
     ) -> TurnRecord:
         """Save the user's message and, right after it, a placeholder reply marked `incomplete`.
 
         `conversation` is an id, or a new conversation (from `new_conversation`) saved by this same
-        write. `make_reply` builds the placeholder from the conversation as read; if it raises,
-        nothing is written. The placeholder is what a crash leaves behind; `finish_reply` replaces it.
-        Saving both in one write keeps each reply attached to its own user message when turns overlap.
+        write. The user's message follows the current leaf, or with `edit_of` (a user message's id)
+        goes beside that message: a new branch. `make_reply(conversation)` builds the placeholder
+        from the conversation as read; if it raises, nothing is written. The placeholder is what a
+        crash leaves behind; `finish_reply` replaces it. Saving both in one write keeps each reply attached to
+        its own user message when turns overlap. A `client_message_id` already in the conversation
+        writes nothing and returns that earlier turn (`repeated`).
         """
-        saved: list[Message] = []
 
-        def change(current: Conversation) -> None:
+        def change(current: Conversation) -> list[Message]:
+            parent_id = current["current_id"]
+            if edit_of is not None:
+                parent_id = self._of_role(current, edit_of, "user", "edit")["parent_id"]
             user: Message = {
                 "id": new_id(),
-                "parent_id": current["current_id"],
+                "parent_id": parent_id,
                 "role": "user",
                 "content": user_text,
                 "created_at": now(),
             }
+            if client_message_id is not None:
+                user["client_message_id"] = client_message_id
             placeholder = make_reply(current)
             placeholder["parent_id"] = user["id"]
             current["messages"] += [user, placeholder]
             current["current_id"] = placeholder["id"]
             if current["title"] is None:
                 current["title"] = title_from(user_text)
-            saved[:] = [user, placeholder]
+            return [user, placeholder]
 
         if isinstance(conversation, str):
-            written = await self._modify(conversation, change)
-        else:
-            written = await self._locked(
-                conversation["id"], lambda: self._apply_and_write(conversation, change), creating=True
+            return await self._add(conversation, change, client_message_id)
+        saved: list[Message] = []
+        written = await self._locked(
+            conversation["id"],
+            lambda: self._apply_and_write(conversation, lambda c: saved.extend(change(c))),
+            creating=True,
+        )
+        return TurnRecord(written["id"], saved[0], saved[1], sibling_ids=[saved[1]["id"]])
+
+    async def add_reply(
+        self,
+        conversation_id: str,
+        reply_id: str,
+        make_reply: Callable[[Conversation, Message], Message],
+        *,
+        client_message_id: str | None = None,
+    ) -> TurnRecord:
+        """Regenerate: a new placeholder reply beside `reply_id` (same user message), made current."""
+
+        def change(current: Conversation) -> list[Message]:
+            old = self._of_role(current, reply_id, "assistant", "regenerate")
+            user = find_message(current, old["parent_id"] or "")
+            placeholder = make_reply(current, user)
+            placeholder["parent_id"] = user["id"]
+            if client_message_id is not None:
+                placeholder["client_message_id"] = client_message_id
+            current["messages"].append(placeholder)
+            current["current_id"] = placeholder["id"]
+            return [user, placeholder]
+
+        return await self._add(conversation_id, change, client_message_id)
+
+    async def set_current(self, conversation_id: str, message_id: str) -> Conversation:
+        """Show the branch through `message_id`: the current leaf becomes the newest leaf beneath it.
+
+        `updated_at` is kept: flipping between versions does not move a conversation up the list.
+        """
+
+        def change(conversation: Conversation) -> None:
+            find_message(conversation, message_id)
+            conversation["current_id"] = newest_leaf(conversation, message_id)
+
+        await self._modify(conversation_id, change, touch=False)
+        return await self.get(conversation_id)
+
+    async def set_generated_title(self, conversation_id: str, title: str) -> bool:
+        """Set a generated title if the title is still the fallback made from the first message.
+
+        False (nothing written) if the title is another: the user's own is never replaced.
+        """
+
+        def change(conversation: Conversation) -> None:
+            first = next((m for m in conversation["messages"] if m["parent_id"] is None), None)
+            if first is None or conversation["title"] != title_from(first["content"]):
+                raise NothingToWrite
+            conversation["title"] = title
+
+        try:
+            await self._modify(conversation_id, change, touch=False)
+        except NothingToWrite:
+            return False
+        return True
+
+    async def _add(
+        self,
+        conversation_id: str,
+        change: Callable[[Conversation], list[Message]],
+        client_message_id: str | None,
+    ) -> TurnRecord:
+        def add(current: Conversation) -> None:
+            if client_message_id is not None and (turn := find_client_turn(current, client_message_id)):
+                raise RepeatedTurn(current, *turn)
+            user, reply = change(current)
+            saved.extend([user, reply])
+            siblings.extend(m["id"] for m in current["messages"] if m["parent_id"] == user["id"])
+
+        saved: list[Message] = []
+        siblings: list[str] = []
+        try:
+            await self._modify(conversation_id, add)
+        except RepeatedTurn as repeat:
+            return TurnRecord(conversation_id, *repeat.turn, repeated=True, sibling_ids=repeat.sibling_ids)
+        return TurnRecord(conversation_id, saved[0], saved[1], sibling_ids=siblings)
+
+    @staticmethod
+    def _of_role(conversation: Conversation, message_id: str, role: str, action: str) -> Message:
+        message = find_message(conversation, message_id)
+        if message["role"] != role:
+            other = "regenerate" if action == "edit" else "edit"
+            raise WrongMessageRole(
+                f"message {message_id} is a {message['role']} message; {action} takes a {role} "
+                f"message's id (to change a {message['role']} message, use {other})"
             )
-        return TurnRecord(written["id"], saved[0], saved[1])
+        return message
 
     async def finish_reply(self, conversation_id: str, reply: Message) -> None:
         """Replace the placeholder saved by `append_turn` with the final reply."""
@@ -634,19 +817,23 @@ class Store:
             self._file_locks[conversation_id] = lock
         return lock
 
-    async def _modify(self, conversation_id: str, change: Callable[[Conversation], None]) -> Conversation:
+    async def _modify(
+        self, conversation_id: str, change: Callable[[Conversation], None], touch: bool = True
+    ) -> Conversation:
         return await self._locked(
-            conversation_id, lambda: self._apply_and_write(self._read_to_change(conversation_id), change)
+            conversation_id,
+            lambda: self._apply_and_write(self._read_to_change(conversation_id), change, touch),
         )
 
     def _apply_and_write(
-        self, conversation: Conversation, change: Callable[[Conversation], None]
+        self, conversation: Conversation, change: Callable[[Conversation], None], touch: bool = True
     ) -> Conversation:
-        """Change, stamp and write; the result is kept to spare the next change a read and a parse."""
+        """Change, stamp (unless `touch` is False) and write; the result is kept for the next change."""
         conversation_id = conversation["id"]
         try:
             change(conversation)
-            conversation["updated_at"] = now()
+            if touch:
+                conversation["updated_at"] = now()
             signature = self._write(conversation)
         except BaseException:
             self._recent.forget(conversation_id)  # the object may be half changed

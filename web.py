@@ -14,8 +14,19 @@ import orjson
 from fastapi import Depends, Request
 from starlette.responses import Response
 
-from providers import ProviderTable
+from providers import ProviderError, ProviderTable
 from storage import Store
+
+
+class APIError(Exception):
+    """An error a route answers with: its status and `type` live on the class, `detail` says what to do."""
+
+    status_code = 400
+    type = "bad_request"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 class JSON(Response):
@@ -45,3 +56,15 @@ async def get_table(request: Request) -> ProviderTable:
 
 StoreDep = Annotated[Store, Depends(get_store)]
 TableDep = Annotated[ProviderTable, Depends(get_table)]
+
+
+def provider_error_response(exc: ProviderError, **extra: Any) -> JSON:
+    headers = {"Retry-After": exc.retry_after} if exc.retry_after is not None else None
+    return error(exc.status_code, exc.detail, exc.type, headers, **extra)
+
+
+def client_key(request: Request) -> str:
+    """Whom a rate limit counts: the bearer token when one is set, else the peer's address."""
+    if request.app.state.settings.api_token is not None:
+        return request.headers.get("authorization", "")
+    return request.client.host if request.client else ""

@@ -496,6 +496,14 @@ class FakeUpstream:
         self.requests: list[RecordedRequest] = []
         self.api_keys: set[str] | None = None
         self.models_status: int = 200
+        self.context_window: int | None = None
+        """llama.cpp: ``GET /props`` reports this ``n_ctx``, and a chat request whose text is longer
+        (estimated at 3 characters a token, stricter than the service's 4) is refused with 400
+        ``context_length_exceeded``. None: ``/props`` is 404 and any length is served."""
+        self.ollama_context: int | None = None
+        """Ollama: ``POST /api/show`` reports this ``context_length`` (None: 404)."""
+        self.probes: list[RecordedRequest] = []
+        """Requests for ``/props`` and ``/api/show``: kept apart from ``requests`` (chat traffic)."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queue: deque[Reply] = deque()
@@ -533,6 +541,20 @@ class FakeUpstream:
         with self._lock:
             self._queue.clear()
             self.requests.clear()
+            self.probes.clear()
+        self.context_window = None
+        self.ollama_context = None
+
+    def wait_requests(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until ``count`` chat requests have arrived (True), or ``timeout`` has passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.requests) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
 
     def wait_closed(self, index: int, timeout: float = 5.0) -> float | None:
         """Wait until ``requests[index].closed_at`` is set and return it (None on timeout)."""
@@ -705,6 +727,9 @@ class FakeUpstream:
             keep_alive = True
 
         rec = RecordedRequest(method, target.split("?", 1)[0], headers, body, started, connection=conn.number)
+        if rec.path in ("/props", "/api/show"):
+            self.probes.append(rec)
+            return await self._probe(conn, rec, keep_alive)
         self._record(rec)
         conn.current = rec
         try:
@@ -760,6 +785,27 @@ class FakeUpstream:
             return await self._anthropic_messages(conn, body, keep_alive)
         return await self._openai_chat(conn, body, keep_alive)
 
+    async def _probe(self, conn: _Conn, rec: RecordedRequest, keep_alive: bool) -> bool:
+        """llama.cpp's ``/props`` and Ollama's ``/api/show``: the context window, if one is set."""
+        if rec.path == "/props" and self.context_window is not None:
+            obj = {"default_generation_settings": {"n_ctx": self.context_window}, "total_slots": 1}
+            return await self._write_json(conn, 200, obj, [], keep_alive)
+        if rec.path == "/api/show" and self.ollama_context is not None:
+            info = {"general.architecture": "llama", "llama.context_length": self.ollama_context}
+            return await self._write_json(conn, 200, {"model_info": info, "parameters": ""}, [], keep_alive)
+        return await self._write_json(conn, 404, {"error": "not found"}, [], keep_alive)
+
+    def _too_long(self, body: dict[str, Any]) -> bytes | None:
+        """An OpenAI-style 400 when the request's text exceeds ``context_window`` (3 characters a token)."""
+        if self.context_window is None:
+            return None
+        chars = sum(len(_content_text(m.get("content"))) for m in body.get("messages") or ())
+        asked = chars // 3 + int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+        if asked <= self.context_window:
+            return None
+        message = f"the request exceeds the available context size ({asked} tokens > {self.context_window})"
+        return _dumps(_openai_error(400, message=message, error_code="context_length_exceeded"))
+
     def _id_headers(self, anthropic: bool) -> list[tuple[str, str]]:
         n = next(self._ids)
         if anthropic:
@@ -798,6 +844,8 @@ class FakeUpstream:
         model = str(body.get("model"))
         if "missing" in model:
             return await self._openai_model_missing(conn, model, ids, keep_alive)
+        if (too_long := self._too_long(body)) is not None:
+            return await self._write_json(conn, 400, too_long, ids, keep_alive)
         reply = self._next_reply()
         headers = ids + list(reply.headers.items())
         if reply.model_not_found:

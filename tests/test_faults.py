@@ -172,7 +172,7 @@ def test_a_corrupt_file_does_not_break_the_listing_or_other_conversations(
 def test_a_chat_during_shutdown_is_refused_before_anything_is_written(
     client: TestClient, upstream: FakeUpstream, data_dir: Path
 ) -> None:
-    client.app.state.turns.stop()  # type: ignore[attr-defined]  # what Ctrl-C does first
+    client.app.state.generations.stop_all()  # type: ignore[attr-defined]  # what Ctrl-C does first
     response = client.post("/api/chat", json={"message": "too late"})
     assert response.status_code == 503
     assert response.json()["type"] == "server_shutdown"
