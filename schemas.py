@@ -24,7 +24,9 @@ class Strict(BaseModel):
 class ChatIn(Strict):
     message: str = Field(min_length=1, max_length=500_000, description="The user's message.")
     conversation_id: str | None = Field(
-        None, min_length=1, max_length=64, description="Continue this conversation; omit to start one."
+        None,
+        description="Continue this conversation (32 lowercase hex characters); omit to start one. "
+        "A malformed id is answered like an unknown one: 404 conversation_not_found.",
     )
     model: ModelName | None = Field(None, description="provider/model; default: the conversation's.")
     system: SystemPrompt | None = None

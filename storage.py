@@ -19,6 +19,7 @@ import binascii
 import bisect
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -31,13 +32,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NotRequired, TypedDict, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
 import orjson
 from filelock import FileLock
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict  # pydantic reads only these on Python 3.11
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ID_RE = re.compile(r"[0-9a-f]{32}")
 FILE_RE = re.compile(r"([0-9a-f]{32})\.json")
 JOURNAL_MAX_BYTES = 4 * 1024 * 1024
@@ -46,6 +49,12 @@ STALE_TEMP_SECONDS = 60.0
 log = logging.getLogger("chat.storage")
 
 Status = Literal["complete", "incomplete", "error"]
+
+
+# The stored shape, described once. Each file is checked against it when read (`SHAPE`), and the
+# check's output is thrown away: the file's own dict is what the service uses and writes back, so
+# keys this version does not know (added by a newer one, or by hand) are kept. A new stored field
+# is NotRequired here (older files lack it) and documented in SPEC.md section 4.
 
 
 class Usage(TypedDict):
@@ -90,6 +99,9 @@ class Conversation(TypedDict):
     params: Params
     current_id: str | None
     messages: list[Message]
+
+
+SHAPE: TypeAdapter[Conversation] = TypeAdapter(Conversation)
 
 
 class Summary(TypedDict):
@@ -240,16 +252,20 @@ def placeholder_reply(model: str, params: Params) -> Message:
 
 
 def _migrate_0_to_1(doc: dict[str, Any]) -> dict[str, Any]:
-    """Version 0: a hand-written or pre-release file without schema_version, status or params."""
+    """Version 0: a hand-written or pre-release file without schema_version, ids, status or params.
+
+    What it lacks is derived from the file itself, never made up, so that reading the same file
+    twice gives the same ids and `current_id` (it is migrated on every read until it is written).
+    """
     doc.setdefault("title", None)
     doc.setdefault("system", None)
     doc.setdefault("params", {"temperature": None, "max_tokens": None})
     messages = doc.setdefault("messages", [])
     previous = None
-    for message in messages:
-        message.setdefault("id", new_id())
+    for position, message in enumerate(messages):
+        message.setdefault("id", derived_id(doc.get("id"), position, message))
         message.setdefault("parent_id", previous)
-        message.setdefault("created_at", doc.get("created_at", now()))
+        message.setdefault("created_at", doc.get("created_at"))
         if message.get("role") == "assistant":
             message.setdefault("status", "complete")
         previous = message["id"]
@@ -258,11 +274,31 @@ def _migrate_0_to_1(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate_0_to_1}
+def derived_id(conversation_id: object, position: int, message: dict[str, Any]) -> str:
+    """An id for a message that has none: a hash of its conversation, position and content."""
+    seed = orjson.dumps([conversation_id, position, message], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(seed).hexdigest()[:32]
+
+
+def _migrate_1_to_2(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 adds only optional fields (see SPEC.md section 4): a version 1 file is one already.
+
+    The bump tells an older service that a file may hold fields it would not understand, so it
+    refuses the file instead of dropping them.
+    """
+    doc["schema_version"] = 2
+    return doc
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
 
 
 def parse_conversation(data: bytes, conversation_id: str) -> Conversation:
-    """Decode a file's bytes, migrating an older schema; refuse corrupt or newer files."""
+    """Decode a file's bytes, migrating an older schema; refuse a corrupt, misshapen or newer file.
+
+    The one check of a file's shape: every reader (the API, a turn, the listing) goes through it,
+    and any problem is ConversationUnreadable (409), never an exception further on.
+    """
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -270,57 +306,57 @@ def parse_conversation(data: bytes, conversation_id: str) -> Conversation:
             f"conversation {conversation_id} is not valid JSON ({exc}); "
             f"the file is left untouched: repair it or delete it"
         ) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("messages", []), list):
+    if not isinstance(doc, dict):
         raise ConversationUnreadable(
             f"conversation {conversation_id} is not a conversation object; repair the file or delete it"
         )
-    version = doc.get("schema_version", 0)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    doc = migrated(doc, conversation_id)
+    try:
+        SHAPE.validate_python(doc, strict=True)  # a check only: its output would drop unknown keys
+    except ValidationError as exc:
         raise ConversationUnreadable(
-            f"conversation {conversation_id} was written by a newer version (schema {version}, "
+            f"conversation {conversation_id} {shape_problem(exc)}; repair the file or delete it"
+        ) from None
+    if doc["id"] != conversation_id:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} has id {doc['id']!r} instead of its file name; "
+            f"repair the file or delete it"
+        )
+    conversation: Conversation = doc  # type: ignore[assignment]  # checked just above
+    return conversation
+
+
+def migrated(doc: dict[str, Any], conversation_id: str) -> dict[str, Any]:
+    """The file's dict brought to SCHEMA_VERSION, in place; refuses a newer file."""
+    version = doc.get("schema_version", 0)
+    if type(version) is not int or version < 0:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} has schema_version {version!r}, which is no version "
+            f"(0 to {SCHEMA_VERSION}); repair the file or delete it"
+        )
+    if version > SCHEMA_VERSION:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} was written by a newer version (schema {version!r}, "
             f"this service reads up to {SCHEMA_VERSION}); upgrade the service to open it"
         )
     try:
         while version < SCHEMA_VERSION:
             doc = MIGRATIONS[version](doc)
             version = doc["schema_version"]
-    except (AttributeError, KeyError, TypeError) as exc:
+    except (AttributeError, TypeError) as exc:  # a part of the file is not the object it should be
         raise ConversationUnreadable(
-            f"conversation {conversation_id} could not be upgraded ({type(exc).__name__}: {exc}); "
-            f"repair the file or delete it"
+            f"conversation {conversation_id} could not be upgraded from schema {version} "
+            f"({type(exc).__name__}: {exc}); repair the file or delete it"
         ) from None
-    problem = shape_problem(doc, conversation_id)
-    if problem is not None:
-        raise ConversationUnreadable(
-            f"conversation {conversation_id} {problem}; repair the file or delete it"
-        )
-    conversation: Conversation = doc
-    return conversation
+    return doc
 
 
-def shape_problem(doc: dict[str, Any], conversation_id: str) -> str | None:
-    """What is wrong with a decoded file's shape, if anything (so that nothing downstream trips on it)."""
-    if doc.get("id") != conversation_id:
-        return f"has id {doc.get('id')!r} instead of its file name"
-    for key in ("created_at", "updated_at", "model"):
-        if not isinstance(doc.get(key), str):
-            return f"has no text field {key!r}"
-    for key in ("title", "system", "current_id"):
-        if not isinstance(doc.get(key, 0), str | None):  # missing counts as wrong: 0 is neither
-            return f"has no {key!r} that is text or null"
-    params = doc.get("params")
-    if not isinstance(params, dict) or not {"temperature", "max_tokens"} <= params.keys():
-        return "has no 'params' object with temperature and max_tokens"
-    for position, message in enumerate(doc["messages"]):
-        if not (
-            isinstance(message, dict)
-            and all(isinstance(message.get(k), str) for k in ("id", "content", "created_at"))
-            and message.get("role") in ("user", "assistant")
-            and isinstance(message.get("parent_id", 0), str | None)
-        ):
-            needs = "id, parent_id, role, content and created_at"
-            return f"has a malformed message at position {position} (each needs {needs})"
-    return None
+def shape_problem(exc: ValidationError) -> str:
+    """The first thing wrong with a file, in the file's own terms: `messages.3.role: Input should be ...`."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the file"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"does not have the stored shape: {where}: {first['msg']}{more}"
 
 
 def encode(conversation: Conversation) -> bytes:
@@ -671,8 +707,10 @@ class Store:
 
     def _check_id(self, conversation_id: str) -> None:
         if not is_valid_id(conversation_id):
+            shown = conversation_id if len(conversation_id) <= 64 else conversation_id[:61] + "..."
             raise ConversationNotFound(
-                f"no conversation {conversation_id!r}: ids are 32 lowercase hex characters"
+                f"no conversation {shown!r}: ids are 32 lowercase hex characters; "
+                f"list them with GET /api/conversations"
             )
 
     async def _locked(self, conversation_id: str, work: Callable[[], T], creating: bool = False) -> T:

@@ -325,7 +325,10 @@ def test_unknown_ids_leave_no_files_behind(client: TestClient, data_dir: Path) -
     for method in ("GET", "PATCH", "DELETE"):
         assert client.request(method, f"/api/conversations/{unknown}", json={"title": "x"}).status_code == 404
     assert client.post("/api/chat", json={"message": "hi", "conversation_id": unknown}).status_code == 404
-    assert client.post("/api/chat", json={"message": "hi", "conversation_id": ""}).status_code == 422
+    for malformed in ("", "x" * 65):  # one answer for any id that is not one: as for an unknown id
+        response = client.post("/api/chat", json={"message": "hi", "conversation_id": malformed})
+        assert response.status_code == 404
+        assert response.json()["type"] == "conversation_not_found"
     assert list((data_dir / "conversations").iterdir()) == []
 
 

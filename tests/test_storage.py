@@ -309,6 +309,16 @@ def test_a_corrupt_file_is_reported_skipped_and_left_untouched(data_dir: Path) -
         lambda doc: doc["messages"].append("hello"),
         lambda doc: doc.update(schema_version=0, messages=["hello"]),  # a failing migration
         lambda doc: doc.update(id="0" * 32),
+        lambda doc: doc.pop("messages"),  # made every listing a 500 (a KeyError escaped the rescan)
+        lambda doc: doc.update(schema_version=True),
+        lambda doc: doc.update(schema_version=-1),
+        lambda doc: doc.update(current_id=7),
+        lambda doc: doc["params"].update(temperature="hot"),
+        lambda doc: doc["messages"][0].update(role="system"),
+        lambda doc: doc["messages"][1].update(status="done"),
+        lambda doc: doc["messages"][1].update(usage={"input_tokens": "many", "output_tokens": 1}),
+        lambda doc: doc["messages"][1].update(error={"type": "x"}),
+        lambda doc: doc["messages"].__setitem__(0, {}),
     ],
 )
 def test_a_file_of_the_wrong_shape_is_unreadable_not_a_crash(data_dir: Path, damage: Any) -> None:
@@ -342,6 +352,55 @@ def test_a_file_from_a_newer_version_is_refused_not_overwritten(data_dir: Path) 
     with pytest.raises(ConversationUnreadable):
         asyncio.run(store.update(conversation_id, {"title": "x"}))
     assert path.read_bytes() == before
+
+
+def test_a_file_of_the_wrong_shape_names_what_is_wrong(data_dir: Path) -> None:
+    store = opened(data_dir)
+    bad = asyncio.run(turn(store, new(), "soon broken", "ok"))
+    path = store.conversations / f"{bad}.json"
+    doc = json.loads(path.read_text())
+    doc["messages"][1]["role"] = "robot"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConversationUnreadable, match=r"messages\.1\.role: Input should be 'user' or"):
+        asyncio.run(store.get(bad))
+
+
+def test_a_version_1_file_is_read_and_written_back_as_version_2(data_dir: Path) -> None:
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "hi", "ok"))
+    path = store.conversations / f"{conversation_id}.json"
+    doc = json.loads(path.read_text())
+    doc["schema_version"] = 1
+    path.write_text(json.dumps(doc))
+    assert asyncio.run(opened(data_dir).get(conversation_id)) == {**doc, "schema_version": 2}
+    asyncio.run(opened(data_dir).update(conversation_id, {"title": "now 2"}))
+    assert json.loads(path.read_text())["schema_version"] == storage.SCHEMA_VERSION == 2
+
+
+def test_a_migrated_file_reads_the_same_every_time(data_dir: Path) -> None:
+    conversation_id = storage.new_id()
+    legacy = {
+        "id": conversation_id,
+        "created_at": "2026-01-01T00:00:00.000000Z",
+        "updated_at": "2026-01-01T00:00:00.000000Z",
+        "model": "openai/gpt-4o-mini",
+        "messages": [
+            {"role": "user", "content": "same"},
+            {"role": "assistant", "content": "same"},
+            {"role": "user", "content": "same"},
+        ],
+    }
+    data = json.dumps(legacy).encode()
+    first = storage.parse_conversation(data, conversation_id)
+    second = storage.parse_conversation(data, conversation_id)
+    assert first == second
+    ids = [m["id"] for m in first["messages"]]
+    assert len(set(ids)) == 3 and all(storage.is_valid_id(i) for i in ids)
+    assert first["current_id"] == ids[2]
+    other = storage.new_id()  # the same messages in another conversation get other ids
+    assert storage.parse_conversation(data.replace(conversation_id.encode(), other.encode()), other)[
+        "messages"
+    ][0]["id"] not in ids
 
 
 def test_an_older_file_is_migrated_when_read(data_dir: Path) -> None:
