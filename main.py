@@ -362,6 +362,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if running := await tracker.wait_saved(max(settings.shutdown_timeout, 5.0)):
             log.info("waited for %d open turns to save their replies", running)
         await providers.close_all(app.state.providers)
+        store.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -32,13 +32,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NotRequired, TypeVar
 
 import anyio.to_thread
 import orjson
 from filelock import FileLock
 from pydantic import TypeAdapter, ValidationError
-from typing_extensions import NotRequired, TypedDict  # pydantic reads only these on Python 3.11
+from typing_extensions import TypedDict  # pydantic reads only this one on Python 3.11
 
 SCHEMA_VERSION = 2
 ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -391,6 +391,11 @@ def write_durably(path: Path, data: bytes) -> None:
 
     A crash at any instant leaves either the old or the new file; the temp file is removed on error.
     """
+    os.close(write_durably_kept(path, data))
+
+
+def write_durably_kept(path: Path, data: bytes) -> int:
+    """`write_durably`, returning the new file's descriptor, still open (the caller closes it)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -399,14 +404,16 @@ def write_durably(path: Path, data: bytes) -> None:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_directory(path.parent)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        os.close(fd)
         raise
-    fsync_directory(path.parent)
+    return fd
 
 
 def fsync_directory(directory: Path) -> None:
@@ -531,42 +538,60 @@ class TurnRecord:
     reply: Message
 
 
-Signature = tuple[int, int, int]
-
-
-def file_signature(stat: os.stat_result) -> Signature:
-    """Changes whenever the file is replaced: a new inode, and usually a new size and mtime too."""
-    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
 class RecentConversations:
-    """The last few conversations this process wrote, each with the signature of its file.
+    """The last few conversations this process wrote, each with its file held open.
 
     Used only under the conversation's locks, to change it again without reading it back;
     `get` never uses it, so nobody sees an object while it is being changed.
+
+    Why a cached copy is still the file: the descriptor of the written file stays open, so its
+    inode cannot be freed and given to another file. If the path still names that inode
+    (`os.path.samestat`), nobody has replaced the file since, as every writer (in any process)
+    replaces the file whole. No timestamp is trusted.
     """
 
     SIZE = 16
 
     def __init__(self) -> None:
-        self._items: OrderedDict[str, tuple[Signature, Conversation]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, Conversation]] = OrderedDict()
         self._lock = threading.Lock()  # different conversations change in different threads
+        self._closer = weakref.finalize(self, close_all, self._items)
 
-    def get(self, conversation_id: str, signature: Signature) -> Conversation | None:
-        with self._lock:
+    def get(self, conversation_id: str, path: Path) -> Conversation | None:
+        with self._lock:  # so that no other thread closes the descriptor while it is compared
             item = self._items.get(conversation_id)
-        return item[1] if item is not None and item[0] == signature else None
+            if item is None:
+                return None
+            with reading(conversation_id):
+                on_disk = os.stat(path)
+            return item[1] if os.path.samestat(os.fstat(item[0]), on_disk) else None
 
-    def keep(self, conversation_id: str, signature: Signature, conversation: Conversation) -> None:
+    def keep(self, conversation_id: str, fd: int, conversation: Conversation) -> None:
         with self._lock:
-            self._items[conversation_id] = (signature, conversation)
-            self._items.move_to_end(conversation_id)
+            old = self._items.pop(conversation_id, None)
+            self._items[conversation_id] = (fd, conversation)
             while len(self._items) > self.SIZE:
-                self._items.popitem(last=False)
+                _, (evicted, _) = self._items.popitem(last=False)
+                os.close(evicted)
+        if old is not None:
+            os.close(old[0])
 
     def forget(self, conversation_id: str) -> None:
         with self._lock:
-            self._items.pop(conversation_id, None)
+            item = self._items.pop(conversation_id, None)
+        if item is not None:
+            os.close(item[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._closer()
+
+
+def close_all(items: OrderedDict[str, tuple[int, Conversation]]) -> None:
+    while items:
+        _, (fd, _) = items.popitem()
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class Store:
@@ -597,6 +622,10 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 if entry.name.endswith(".tmp") and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
+
+    def close(self) -> None:
+        """Close the files the cache holds open (also done when the Store is garbage collected)."""
+        self._recent.close()
 
     async def writable(self) -> bool:
         """Can conversations be written? Checked at most once a second (health is polled often)."""
@@ -768,18 +797,16 @@ class Store:
         try:
             change(conversation)
             conversation["updated_at"] = now()
-            signature = self._write(conversation)
+            fd = self._write(conversation)
         except BaseException:
             self._recent.forget(conversation_id)  # the object may be half changed
             raise
-        self._recent.keep(conversation_id, signature, conversation)
+        self._recent.keep(conversation_id, fd, conversation)
         return conversation
 
     def _read_to_change(self, conversation_id: str) -> Conversation:
         """The conversation as this process last wrote it, if the file is still that one."""
-        with reading(conversation_id):
-            stat = os.stat(self._path(conversation_id))
-        cached = self._recent.get(conversation_id, file_signature(stat))
+        cached = self._recent.get(conversation_id, self._path(conversation_id))
         return cached if cached is not None else self._read(conversation_id)
 
     def _path(self, conversation_id: str) -> Path:
@@ -791,14 +818,14 @@ class Store:
         return parse_conversation(data, conversation_id)
 
     def _write_new(self, conversation: Conversation) -> Conversation:
-        self._write(conversation)
+        os.close(self._write(conversation))
         return conversation
 
-    def _write(self, conversation: Conversation) -> Signature:
-        path = self._path(conversation["id"])
-        write_durably(path, encode(conversation))
+    def _write(self, conversation: Conversation) -> int:
+        """Write the file; returns its descriptor, still open, for RecentConversations."""
+        fd = write_durably_kept(self._path(conversation["id"]), encode(conversation))
         self._journal(orjson.dumps(summarize(conversation)))
-        return file_signature(os.stat(path))
+        return fd
 
     def _unlink(self, conversation_id: str) -> None:
         self._recent.forget(conversation_id)

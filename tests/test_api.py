@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -318,6 +319,33 @@ def test_an_unreadable_file_is_a_clear_storage_error(
     assert response.json()["detail"].startswith(
         f"could not read conversation {conversation_id}: Permission denied"
     )
+
+
+def test_a_file_of_the_wrong_shape_is_a_409_everywhere_and_left_out_of_the_listing(
+    make_client: Callable[..., TestClient], data_dir: Path
+) -> None:
+    client = make_client()
+    good = chat(client, message="fine")["conversation_id"]
+    bad = chat(client, message="soon broken")["conversation_id"]
+    path = data_dir / "conversations" / f"{bad}.json"
+    doc = json.loads(path.read_text())
+    del doc["messages"]  # made every listing, and GET/chat/PATCH on it, answer 500
+    path.write_text(json.dumps(doc))
+    before = path.read_bytes()
+    client = make_client()  # a restart: the listing is built from the files
+    listing = client.get("/api/conversations")
+    assert listing.status_code == 200, listing.text
+    assert [c["id"] for c in listing.json()["items"]] == [good]
+    assert client.get("/api/health").json()["unreadable_conversations"] == [bad]
+    for response in (
+        client.get(f"/api/conversations/{bad}"),
+        client.post("/api/chat", json={"message": "more", "conversation_id": bad}),
+        client.patch(f"/api/conversations/{bad}", json={"title": "x"}),
+    ):
+        assert response.status_code == 409, response.text
+        assert response.json()["type"] == "conversation_unreadable"
+        assert "messages: Field required" in response.json()["detail"]
+    assert path.read_bytes() == before
 
 
 def test_unknown_ids_leave_no_files_behind(client: TestClient, data_dir: Path) -> None:
