@@ -189,6 +189,7 @@ def build_providers(settings: Settings) -> ProviderTable:
             fallback_models=FALLBACK_MODELS["openai"],
             timeouts=timeouts,
             max_tokens_field="max_completion_tokens",
+            sends_account_ids=True,
         ),
         "anthropic": Anthropic(
             "anthropic",
