@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -427,14 +428,17 @@ def add_error_handlers(app: FastAPI) -> None:
 def add_routes(app: FastAPI) -> None:
     @app.get("/api/health", response_model=HealthOut, tags=["service"])
     async def health(store: StoreDep, table: TableDep) -> Response:
-        """Is the service up, can it write its data, which providers have keys."""
+        """Is the service up, can it write its data; each provider's key, and whether it answered
+        the last model listing or call (null until one was made: health never probes)."""
         writable = await store.writable()
         return JSON(
             {
                 "status": "ok" if writable else "degraded",
                 "version": __version__,
                 "data_dir_writable": writable,
-                "providers": {name: p.configured for name, p in table.items()},
+                "providers": {
+                    name: {"configured": p.configured, "reachable": p.reachable} for name, p in table.items()
+                },
                 "unreadable_conversations": sorted(store.unreadable()),
             }
         )
@@ -506,7 +510,10 @@ def add_routes(app: FastAPI) -> None:
     @app.get("/api/conversations/{conversation_id}", response_model=ConversationOut, tags=["conversations"])
     async def get_conversation(conversation_id: str, store: StoreDep) -> Response:
         """One conversation with the messages of its current branch, oldest first."""
-        return JSON(conversation_out(await store.get(conversation_id)))
+        conversation = await store.get(conversation_id)
+        # a long conversation takes milliseconds to encode: not on the event loop
+        body = await anyio.to_thread.run_sync(encode_conversation_out, conversation)
+        return Response(body, media_type="application/json")
 
     @app.patch("/api/conversations/{conversation_id}", response_model=ConversationOut, tags=["conversations"])
     async def update_conversation(
@@ -542,6 +549,10 @@ def params_dict(params: ParamsModel) -> Any:
 def conversation_out(conversation: Conversation) -> dict[str, Any]:
     out = {k: v for k, v in conversation.items() if k not in ("messages", "schema_version")}
     return {**out, **summarize(conversation), "messages": current_branch(conversation)}
+
+
+def encode_conversation_out(conversation: Conversation) -> bytes:
+    return orjson.dumps(conversation_out(conversation))
 
 
 def provider_out(provider: Provider, listed: tuple[list[str], str] | None) -> dict[str, Any]:

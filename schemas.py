@@ -125,11 +125,18 @@ class ModelsOut(BaseModel):
     providers: list[ProviderOut]
 
 
+class ProviderHealth(BaseModel):
+    configured: bool = Field(description="has the key it needs (local servers need none)")
+    reachable: bool | None = Field(
+        description="answered the last model listing or call; null: not asked yet (health never probes)"
+    )
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
     data_dir_writable: bool
-    providers: dict[str, bool] = Field(description="provider name -> configured")
+    providers: dict[str, ProviderHealth] = Field(description="provider name -> its state")
     unreadable_conversations: list[str]
 
 

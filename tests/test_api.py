@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from tests.conftest import stream_chat
@@ -421,27 +423,30 @@ def test_two_turns_at_once_both_land_whole(client: TestClient, upstream: FakeUps
 
 # --- bad input ----------------------------------------------------------------------------------
 
-BAD_BODIES: list[Any] = [
-    {},
-    {"message": ""},
-    {"message": "   \n"},
-    {"message": 5},
-    {"message": "hi", "stream": "maybe"},
-    {"message": "hi", "temperature": 9},
-    {"message": "hi", "max_tokens": 0},
-    {"message": "hi", "model": "no-slash"},
-    {"message": "hi", "unknown_field": 1},
-    ["message", "hi"],
-    "just a string",
+# each bad body, and where the error must point: the field (or the body itself)
+BAD_BODIES: list[tuple[Any, list[Any]]] = [
+    ({}, ["body", "message"]),
+    ({"message": ""}, ["body", "message"]),
+    ({"message": "   \n"}, ["body", "message"]),
+    ({"message": 5}, ["body", "message"]),
+    ({"message": "hi", "stream": "maybe"}, ["body", "stream"]),
+    ({"message": "hi", "temperature": 9}, ["body", "temperature"]),
+    ({"message": "hi", "max_tokens": 0}, ["body", "max_tokens"]),
+    ({"message": "hi", "model": "no-slash"}, ["body", "model"]),
+    ({"message": "hi", "unknown_field": 1}, ["body", "unknown_field"]),
+    (["message", "hi"], ["body"]),
+    ("just a string", ["body"]),
 ]
 
 
 def test_bad_bodies_get_a_422_with_the_field(client: TestClient) -> None:
-    for body in BAD_BODIES:
+    for body, where in BAD_BODIES:
         response = client.post("/api/chat", json=body)
         assert response.status_code == 422, (body, response.text)
         assert response.json()["type"] == "invalid_request"
-        assert response.json()["detail"][0]["msg"]
+        errors = response.json()["detail"]
+        assert [e["loc"] for e in errors] == [where], (body, errors)
+        assert errors[0]["msg"]
 
 
 def test_malformed_json_and_wrong_content_are_4xx(client: TestClient) -> None:
@@ -480,9 +485,34 @@ def test_health(client: TestClient) -> None:
         "status": "ok",
         "version": "0.1.0",
         "data_dir_writable": True,
-        "providers": {"openai": True, "anthropic": True, "ollama": True, "lmstudio": True},
+        "providers": {
+            name: {"configured": True, "reachable": None}
+            for name in ("openai", "anthropic", "ollama", "lmstudio")
+        },
         "unreadable_conversations": [],
     }
+
+
+def test_health_says_which_providers_answered_without_asking_them(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream
+) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    client = make_client(OLLAMA_BASE_URL=nowhere, ANTHROPIC_API_KEY=None)
+    requests_before = len(upstream.requests)
+    providers = client.get("/api/health").json()["providers"]
+    assert len(upstream.requests) == requests_before  # health asks nobody
+    assert providers["ollama"] == {"configured": True, "reachable": None}
+    assert providers["anthropic"] == {"configured": False, "reachable": None}
+    assert client.get("/api/models").status_code == 200
+    providers = client.get("/api/health").json()["providers"]
+    assert providers["ollama"] == {"configured": True, "reachable": False}
+    assert providers["openai"] == {"configured": True, "reachable": True}
+    assert providers["anthropic"] == {"configured": False, "reachable": None}
+    response = client.post("/api/chat", json={"message": "hi", "model": "ollama/llama3.2"})
+    assert response.status_code == 502
+    assert client.get("/api/health").json()["providers"]["ollama"]["reachable"] is False
 
 
 def test_models_lists_upstream_models_and_falls_back(
@@ -522,8 +552,55 @@ def test_default_model_is_picked_from_configured_providers(make_client: Callable
 
 def test_openapi_documents_every_route(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
+    app: Any = client.app
+    routes = {
+        (route.path, method.lower())
+        for route in app.routes
+        if isinstance(route, APIRoute) and route.include_in_schema
+        for method in route.methods or ()
+    }
+    documented = {(path, method) for path, item in schema["paths"].items() for method in item}
+    assert documented == routes
+    for path, method in routes:
+        operation = schema["paths"][path][method]
+        assert operation.get("summary") and operation.get("description"), (path, method)  # the docstring
+        success = [code for code in operation["responses"] if code.startswith("2")]
+        assert success, (path, method)
+        for code in success:
+            if code != "204":
+                assert operation["responses"][code]["content"]["application/json"]["schema"], (path, method)
+        assert operation["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "ErrorOut"
+        )
+        if method in ("post", "patch"):
+            assert operation["requestBody"]["content"]["application/json"]["schema"], (path, method)
     chat_post = schema["paths"]["/api/chat"]["post"]
     assert chat_post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatIn")
     assert "text/event-stream" in chat_post["responses"]["200"]["content"]
-    assert schema["paths"]["/api/conversations"]["get"]["responses"]["200"]["content"]["application/json"]
     assert client.get("/docs").status_code == 200
+
+
+def test_a_conversation_is_encoded_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import main
+
+    conversation_id = chat(client, message="hi")["conversation_id"]
+    encoded_in: list[threading.Thread] = []
+    real = main.encode_conversation_out
+
+    def spy(conversation: Any) -> bytes:
+        encoded_in.append(threading.current_thread())
+        return real(conversation)
+
+    monkeypatch.setattr(main, "encode_conversation_out", spy)
+
+    async def loop_thread() -> threading.Thread:
+        return threading.current_thread()
+
+    response = client.get(f"/api/conversations/{conversation_id}")
+    assert response.status_code == 200
+    assert [m["content"] for m in response.json()["messages"]] == ["hi", "You said: hi"]
+    assert len(encoded_in) == 1
+    assert client.portal is not None
+    assert encoded_in[0] is not client.portal.call(loop_thread)
