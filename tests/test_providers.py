@@ -276,7 +276,7 @@ def test_rate_limit_is_not_retried_and_passes_retry_after(kind: str, upstream: F
     started = time.monotonic()
     with pytest.raises(ProviderRateLimited) as raised:
         run(collect(make(kind, upstream), request()))
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10  # no wait for the 12 s Retry-After
     assert raised.value.retry_after == "12"
     assert len(upstream.requests) == 1
 
@@ -356,7 +356,7 @@ def test_an_unconfigured_provider_says_what_to_set(upstream: FakeUpstream) -> No
 
 @BOTH
 def test_closing_the_stream_early_closes_the_upstream_connection(kind: str, upstream: FakeUpstream) -> None:
-    upstream.script(Reply(text="x " * 200, chunk_delay=0.02))
+    upstream.script(Reply(text="x " * 2000, chunk_delay=0.02))  # 40 s if read to the end
     provider = make(kind, upstream)
 
     async def read_two() -> float:
@@ -373,9 +373,9 @@ def test_closing_the_stream_early_closes_the_upstream_connection(kind: str, upst
         return closed_at
 
     closed_at = run(read_two())
-    upstream_closed = upstream.wait_closed(0, timeout=5)
+    upstream_closed = upstream.wait_closed(0, timeout=30)
     assert upstream_closed is not None
-    assert upstream_closed - closed_at < 1.0
+    assert upstream_closed - closed_at < 20
 
 
 # --- the event-stream parser and the dispatch table ---------------------------------------------
