@@ -210,13 +210,36 @@ def build_providers(settings: Settings) -> ProviderTable:
 
 
 def default_model(settings: Settings, table: ProviderTable) -> str:
-    """CHAT_DEFAULT_MODEL, else the first provider with a key, else a local Ollama model."""
+    """CHAT_DEFAULT_MODEL, else the first provider with a key, else a local Ollama model (until
+    `find_local_default_model` has asked the local servers)."""
     if settings.default_model:
         return settings.default_model
     for name in ("openai", "anthropic"):
         if table[name].configured:
             return f"{name}/{DEFAULT_MODELS[name]}"
     return f"ollama/{DEFAULT_MODELS['ollama']}"
+
+
+def asks_local_servers(settings: Settings, table: ProviderTable) -> bool:
+    """No default set and no hosted provider's key: the default comes from a local server."""
+    return not settings.default_model and not any(table[name].configured for name in ("openai", "anthropic"))
+
+
+async def find_local_default_model(app: FastAPI) -> None:
+    """The first chat model listed by the first local server (Ollama, then CHAT_SERVERS in order)
+    that answers; asked in the background at start, so start-up never waits for a server."""
+    for provider in app.state.providers.values():
+        if isinstance(provider, OpenAICompatible) and provider.key_env_var is None:
+            model = await provider.first_chat_model()
+            if model is not None:
+                app.state.default_model = f"{provider.name}/{model}"
+                log.info(
+                    "default model: %s (the first chat model %s lists)",
+                    app.state.default_model,
+                    provider.name,
+                )
+                return
+    log.info("default model: %s (no local server listed a chat model)", app.state.default_model)
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -352,13 +375,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     log.info("conversations are kept in %s", store.conversations.resolve())
     for provider in app.state.providers.values():
         log.info("provider %-10s %s", provider.name, provider.hint)
-    log.info("default model: %s", app.state.default_model)
+    finding = None
+    if asks_local_servers(settings, app.state.providers):
+        finding = app.state.finding_default = asyncio.create_task(find_local_default_model(app))
+        log.info("default model: asking the local servers (until then %s)", app.state.default_model)
+    else:
+        log.info("default model: %s", app.state.default_model)
     gc.collect()
     gc.freeze()  # what start-up built lives as long as the process: keep it out of full collections
     try:
         yield
     finally:
         warming.cancel()
+        if finding is not None:
+            finding.cancel()
         tracker: chat.TurnTracker = app.state.turns
         tracker.stop()
         if running := await tracker.wait_saved(max(settings.shutdown_timeout, 5.0)):

@@ -462,6 +462,36 @@ class OpenAICompatible(Provider):
             model=request.model, messages=[], stream=True, extra_body=self.body(request)
         )
 
+    async def first_chat_model(self) -> str | None:
+        """The first model this server lists that can chat; None if it lists none or did not answer."""
+        names, source = await self.models()
+        if source != "upstream":
+            return None
+        for name in names:
+            if await self.can_chat(name):
+                return name
+        return None
+
+    async def can_chat(self, model: str) -> bool:
+        """False only where the server says so: Ollama's `/api/show` lists a model's capabilities,
+        and an embedding model's leave out "completion". Other servers do not say: True."""
+        client = await self.client()
+        root = urllib.parse.urlsplit(self.base_url)._replace(path="", query="", fragment="")
+        try:
+            response = await client.post(
+                f"{root.geturl()}/api/show",
+                body={"model": model},
+                cast_to=sys.modules["httpx2"].Response,
+                options={"timeout": MODELS_TIMEOUT},
+            )
+        except self._module.APIError:  # no such endpoint, or it failed: the server does not say
+            return True
+        try:
+            capabilities = as_dict(orjson.loads(response.content)).get("capabilities")
+        except orjson.JSONDecodeError:
+            return True
+        return not isinstance(capabilities, list) or "completion" in capabilities
+
     def body(self, request: ChatRequest) -> dict[str, Any]:
         messages = [{"role": "system", "content": request.system}] if request.system else []
         messages += [{"role": m.role, "content": m.content} for m in request.messages]

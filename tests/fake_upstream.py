@@ -494,6 +494,11 @@ class FakeUpstream:
         self.requests: list[RecordedRequest] = []
         self.api_keys: set[str] | None = None
         self.models_status: int = 200
+        self.openai_models: tuple[str, ...] = OPENAI_MODELS
+        """What ``GET /v1/models`` lists (OpenAI format)."""
+        self.capabilities: dict[str, list[str]] | None = None
+        """Ollama's ``POST /api/show`` answers ``{"capabilities": [...]}`` for these models (404 for
+        others); None: no such endpoint (404), as on servers that are not Ollama."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queue: deque[Reply] = deque()
@@ -531,6 +536,8 @@ class FakeUpstream:
         with self._lock:
             self._queue.clear()
             self.requests.clear()
+            self.openai_models = OPENAI_MODELS
+            self.capabilities = None
 
     def wait_closed(self, index: int, timeout: float = 5.0) -> float | None:
         """Wait until ``requests[index].closed_at`` is set and return it (None on timeout)."""
@@ -715,6 +722,8 @@ class FakeUpstream:
     async def _dispatch(self, conn: _Conn, rec: RecordedRequest, raw: bytes, keep_alive: bool) -> bool:
         anthropic = rec.path == "/v1/messages" or "anthropic-version" in rec.headers
         route = (rec.method, rec.path)
+        if route == ("POST", "/api/show") and self.capabilities is not None:
+            return await self._ollama_show(conn, rec.body, keep_alive)
         known = route in {("POST", "/v1/chat/completions"), ("POST", "/v1/messages"), ("GET", "/v1/models")}
         if not known:
             msg = f"Unknown request URL: {rec.method} {rec.path}."
@@ -779,10 +788,18 @@ class FakeUpstream:
             obj = {
                 "object": "list",
                 "data": [
-                    {"id": mid, "object": "model", "created": 0, "owned_by": "fake"} for mid in OPENAI_MODELS
+                    {"id": mid, "object": "model", "created": 0, "owned_by": "fake"}
+                    for mid in self.openai_models
                 ],
             }
         return await self._write_json(conn, status, obj, self._id_headers(anthropic), keep_alive)
+
+    async def _ollama_show(self, conn: _Conn, body: Any, keep_alive: bool) -> bool:
+        model = body.get("model") if isinstance(body, dict) else None
+        capabilities = (self.capabilities or {}).get(str(model))
+        if capabilities is None:
+            return await self._write_json(conn, 404, {"error": f"model '{model}' not found"}, [], keep_alive)
+        return await self._write_json(conn, 200, {"capabilities": capabilities}, [], keep_alive)
 
     # ---- OpenAI Chat Completions ----------------------------------------------------------------
 

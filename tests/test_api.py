@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -546,8 +547,58 @@ def test_models_lists_upstream_models_and_falls_back(
 def test_default_model_is_picked_from_configured_providers(make_client: Callable[..., TestClient]) -> None:
     only_anthropic = make_client(OPENAI_API_KEY=None, CHAT_DEFAULT_MODEL=None)
     assert only_anthropic.get("/api/models").json()["default_model"] == "anthropic/claude-sonnet-4-5"
-    nothing = make_client(OPENAI_API_KEY=None, ANTHROPIC_API_KEY=None, CHAT_DEFAULT_MODEL=None)
+    nothing = make_client(
+        OPENAI_API_KEY=None,
+        ANTHROPIC_API_KEY=None,
+        CHAT_DEFAULT_MODEL=None,
+        OLLAMA_BASE_URL=nowhere(),
+        CHAT_SERVERS={},
+    )
+    default_found(nothing)
     assert nothing.get("/api/models").json()["default_model"] == "ollama/llama3.2"
+
+
+def nowhere() -> str:
+    """An OpenAI-compatible URL nothing listens on."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+
+
+def default_found(client: TestClient) -> None:
+    """Wait until the app has asked the local servers for a default model."""
+    app: Any = client.app
+
+    async def settled() -> None:
+        await asyncio.wait([app.state.finding_default], timeout=60)
+
+    assert client.portal is not None
+    client.portal.call(settled)
+    assert app.state.finding_default.done()
+
+
+def test_with_only_local_servers_the_default_is_the_first_chat_model_they_list(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream.openai_models = ("all-minilm", "nomic-embed-text", "qwen2.5")
+    upstream.capabilities = {
+        "all-minilm": ["embedding"],
+        "nomic-embed-text": ["embedding"],
+        "qwen2.5": ["completion", "tools"],
+    }
+    client = make_client(
+        OPENAI_API_KEY=None,
+        ANTHROPIC_API_KEY=None,
+        CHAT_DEFAULT_MODEL=None,
+        OLLAMA_BASE_URL=nowhere(),  # the first local server does not answer: the next one is asked
+        CHAT_SERVERS={"lmstudio": {"base_url": upstream.base_url}},
+    )
+    default_found(client)
+    assert client.get("/api/models").json()["default_model"] == "lmstudio/qwen2.5"
+    assert "default model: lmstudio/qwen2.5 (the first chat model lmstudio lists)" in caplog.text
+    reply = chat(client, message="which model?")["message"]  # a chat that names no model
+    assert reply["model"] == "lmstudio/qwen2.5"
+    assert upstream.requests[-1].body["model"] == "qwen2.5"
 
 
 def test_openapi_documents_every_route(client: TestClient) -> None:
