@@ -352,7 +352,11 @@ class Provider:
             names, source, ttl = sorted(m.id for m in page.data), "upstream", MODELS_TTL
             self.reachable = True
         except Exception as exc:
-            error = self.translate(exc, "")
+            try:
+                error = self.translate(exc, "")
+            except Exception:  # not the provider's doing: logged with its traceback, listing goes on
+                log.exception("%s: listing models failed unexpectedly; using the fallback list", self.name)
+                error = ProviderError(f"{self.name}: unexpected error")
             self.reachable = not isinstance(error, ProviderUnreachable)
             log.info("%s: could not list models (%s); using the fallback list", self.name, error.detail)
             names, source, ttl = list(self.fallback_models), "fallback", MODELS_FAILURE_TTL
@@ -376,10 +380,13 @@ class Provider:
             codes = (getattr(exc, "code", None), getattr(exc, "type", None), error_code(exc.body))
             message = self.redact(upstream_message(exc.body))
             return self.from_status(exc.status_code, message, model, headers, codes)
-        if isinstance(exc, sdk.APIConnectionError):  # the SDK's wrapper of a transport error
-            exc = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-            if isinstance(exc, sdk.APITimeoutError):
-                return self.timed_out()
+        if isinstance(exc, sdk.APIResponseValidationError):
+            return ProviderMalformed(f"{self.name} sent a reply that could not be read")
+        wrapper = exc if isinstance(exc, sdk.APIConnectionError) else None  # wraps a transport error
+        if wrapper is not None and isinstance(wrapper.__cause__, Exception):
+            exc = wrapper.__cause__
+        if isinstance(exc, sdk.APITimeoutError):
+            return self.timed_out()
         if isinstance(exc, transport.ConnectTimeout | transport.ConnectError | sdk.APIConnectionError):
             return ProviderUnreachable(
                 f"could not connect to {self.name} at {self.where}: is it running?", retryable=True
@@ -391,6 +398,8 @@ class Provider:
             return ProviderUnavailable(
                 f"the connection to {self.name} broke off mid-reply ({name}); try again", retryable=True
             )
+        if wrapper is not None:  # the SDK could not connect, for a reason of its own
+            return ProviderUnreachable(f"could not connect to {self.name} at {self.where}: {wrapper}")
         raise exc
 
     def timed_out(self) -> ProviderTimeout:
