@@ -547,13 +547,15 @@ class RecentConversations:
     Why a cached copy is still the file: the descriptor of the written file stays open, so its
     inode cannot be freed and given to another file. If the path still names that inode
     (`os.path.samestat`), nobody has replaced the file since, as every writer (in any process)
-    replaces the file whole. No timestamp is trusted.
+    replaces the file whole. No timestamp is trusted for that; the file's size and times, as seen
+    through the descriptor, only add a reason to re-read (a hand edit in place, same inode).
     """
 
     SIZE = 16
 
     def __init__(self) -> None:
         self._items: OrderedDict[str, tuple[int, Conversation]] = OrderedDict()
+        self._stamps: dict[int, tuple[int, int, int]] = {}
         self._lock = threading.Lock()  # different conversations change in different threads
         self._closer = weakref.finalize(self, close_all, self._items)
 
@@ -564,12 +566,15 @@ class RecentConversations:
                 return None
             with reading(conversation_id):
                 on_disk = os.stat(path)
-            return item[1] if os.path.samestat(os.fstat(item[0]), on_disk) else None
+            kept = os.fstat(item[0])
+            same = os.path.samestat(kept, on_disk) and stamp(kept) == self._stamps.get(item[0])
+            return item[1] if same else None
 
     def keep(self, conversation_id: str, fd: int, conversation: Conversation) -> None:
         with self._lock:
             old = self._items.pop(conversation_id, None)
             self._items[conversation_id] = (fd, conversation)
+            self._stamps[fd] = stamp(os.fstat(fd))
             while len(self._items) > self.SIZE:
                 _, (evicted, _) = self._items.popitem(last=False)
                 os.close(evicted)
@@ -585,6 +590,10 @@ class RecentConversations:
     def close(self) -> None:
         with self._lock:
             self._closer()
+
+
+def stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def close_all(items: OrderedDict[str, tuple[int, Conversation]]) -> None:
