@@ -275,6 +275,27 @@ async def save_turn(
 # --- answering: JSON once the reply has ended, or server-sent events as it is written --------------
 
 
+def event_stream_doc(description: str) -> dict[str, Any]:
+    """The OpenAPI description of a route that answers with this module's server-sent events."""
+    return {
+        "description": description,
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": "one server-sent event; `data` is JSON",
+                    "properties": {
+                        "event": {"enum": ["start", "delta", "done", "error"]},
+                        "id": {"type": "string", "description": "code points of the reply delivered so far"},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                    },
+                    "required": ["event", "data"],
+                }
+            }
+        },
+    }
+
+
 def sse(event: str, data: Any, event_id: int | None = None) -> bytes:
     head = b"" if event_id is None else b"id: %d\n" % event_id
     return head + b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
@@ -569,7 +590,7 @@ async def stop(
 @router.get(
     f"{MESSAGE}/stream",
     response_model=None,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "start, delta..., done or error"}},
+    responses={200: event_stream_doc("`text/event-stream`: start, delta..., then done or error")},
 )
 async def reattach(
     conversation_id: str,

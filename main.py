@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -321,6 +322,7 @@ def build_providers(settings: Settings) -> ProviderTable:
             fallback_models=FALLBACK_MODELS["openai"],
             timeouts=timeouts,
             max_tokens_field="max_completion_tokens",
+            sends_account_ids=True,
         ),
         "anthropic": Anthropic(
             "anthropic",
@@ -346,13 +348,36 @@ def build_providers(settings: Settings) -> ProviderTable:
 
 
 def default_model(settings: Settings, table: ProviderTable) -> str:
-    """CHAT_DEFAULT_MODEL, else the first provider with a key, else a local Ollama model."""
+    """CHAT_DEFAULT_MODEL, else the first provider with a key, else a local Ollama model (until
+    `find_local_default_model` has asked the local servers)."""
     if settings.default_model:
         return settings.default_model
     for name in ("openai", "anthropic"):
         if table[name].configured:
             return f"{name}/{DEFAULT_MODELS[name]}"
     return f"ollama/{DEFAULT_MODELS['ollama']}"
+
+
+def asks_local_servers(settings: Settings, table: ProviderTable) -> bool:
+    """No default set and no hosted provider's key: the default comes from a local server."""
+    return not settings.default_model and not any(table[name].configured for name in ("openai", "anthropic"))
+
+
+async def find_local_default_model(app: FastAPI) -> None:
+    """The first chat model listed by the first local server (Ollama, then CHAT_SERVERS in order)
+    that answers; asked in the background at start, so start-up never waits for a server."""
+    for provider in app.state.providers.values():
+        if isinstance(provider, OpenAICompatible) and provider.key_env_var is None:
+            model = await provider.first_chat_model()
+            if model is not None:
+                app.state.default_model = f"{provider.name}/{model}"
+                log.info(
+                    "default model: %s (the first chat model %s lists)",
+                    app.state.default_model,
+                    provider.name,
+                )
+                return
+    log.info("default model: %s (no local server listed a chat model)", app.state.default_model)
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -382,7 +407,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     log.info("settings from the environment and %s%s", ENV_FILE, "" if ENV_FILE.exists() else " (absent)")
     for provider in app.state.providers.values():
         log.info("provider %-10s %s", provider.name, provider.hint)
-    log.info("default model: %s", app.state.default_model)
+    finding = None
+    if asks_local_servers(settings, app.state.providers):
+        finding = app.state.finding_default = asyncio.create_task(find_local_default_model(app))
+        log.info("default model: asking the local servers (until then %s)", app.state.default_model)
+    else:
+        log.info("default model: %s", app.state.default_model)
     gc.collect()
     gc.freeze()  # what start-up built lives as long as the process: keep it out of full collections
     try:
@@ -390,11 +420,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         index.close()  # a build in progress stops at its next batch
         freshening.cancel()
+        if finding is not None:
+            finding.cancel()
         generations: generation.Generations = app.state.generations
         generations.stop_all()
         if running := await generations.wait_saved(max(settings.shutdown_timeout, 5.0)):
             log.info("waited for %d generations to save their replies", running)
         await providers.close_all(app.state.providers)
+        store.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -588,14 +621,17 @@ def explain(error: Mapping[str, Any], table: ProviderTable) -> str:
 def add_routes(app: FastAPI) -> None:
     @app.get("/api/health", response_model=HealthOut, tags=["service"])
     async def health(store: StoreDep, table: TableDep, index: IndexDep) -> Response:
-        """Is the service up, can it write its data, which providers have keys."""
+        """Is the service up, can it write its data; each provider's key, and whether it answered
+        the last model listing or call (null until one was made: health never probes)."""
         writable = await store.writable()
         return JSON(
             {
                 "status": "ok" if writable else "degraded",
                 "version": __version__,
                 "data_dir_writable": writable,
-                "providers": {name: p.configured for name, p in table.items()},
+                "providers": {
+                    name: {"configured": p.configured, "reachable": p.reachable} for name, p in table.items()
+                },
                 "unreadable_conversations": sorted(await index.unreadable()),
             }
         )
@@ -612,7 +648,18 @@ def add_routes(app: FastAPI) -> None:
             }
         )
 
-    @app.post("/api/chat", response_model=ChatOut, tags=["chat"], responses={200: chat_stream_doc()})
+    @app.post(
+        "/api/chat",
+        response_model=ChatOut,
+        tags=["chat"],
+        responses={
+            200: chat.event_stream_doc(
+                "JSON when `stream` is false; with `stream: true`, `text/event-stream` with events `start` "
+                "{conversation_id, user_message_id, message_id}, `delta` {text}, then `done` {message} or "
+                "`error` {error: {type, message}, message}."
+            )
+        },
+    )
     async def chat_turn(body: ChatIn, request: Request, store: StoreDep, table: TableDep) -> Response:
         """Send a message and get the reply, whole or streamed as server-sent events."""
         turn = await chat.begin_turn(
@@ -658,7 +705,10 @@ def add_routes(app: FastAPI) -> None:
         conversation_id: str, store: StoreDep, generations: chat.GenerationsDep
     ) -> Response:
         """One conversation with the messages of its current branch, oldest first."""
-        return JSON(chat.conversation_view(await store.get(conversation_id), generations))
+        conversation = await store.get(conversation_id)
+        view = chat.conversation_view(conversation, generations)
+        # a long conversation takes milliseconds to encode: not on the event loop
+        return Response(await anyio.to_thread.run_sync(encode_view, view), media_type="application/json")
 
     @app.patch("/api/conversations/{conversation_id}", response_model=ConversationOut, tags=["conversations"])
     async def update_conversation(
@@ -706,25 +756,9 @@ def provider_out(provider: Provider, listed: tuple[list[str], str] | None) -> di
     }
 
 
-def chat_stream_doc() -> dict[str, Any]:
-    return {
-        "description": "JSON when `stream` is false; with `stream: true`, `text/event-stream` with events "
-        "`start` {conversation_id, user_message_id, message_id}, `delta` {text}, then `done` {message} "
-        "or `error` {error: {type, message}, message}.",
-        "content": {
-            "text/event-stream": {
-                "schema": {
-                    "type": "object",
-                    "description": "one server-sent event; `data` is JSON",
-                    "properties": {
-                        "event": {"enum": ["start", "delta", "done", "error"]},
-                        "data": {"type": "string", "contentMediaType": "application/json"},
-                    },
-                    "required": ["event", "data"],
-                }
-            }
-        },
-    }
+def encode_view(view: dict[str, Any]) -> bytes:
+    """A conversation as GET shows it, encoded (milliseconds for a long one: run it in a thread)."""
+    return orjson.dumps(view)
 
 
 # --- running it ---------------------------------------------------------------------------------

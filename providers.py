@@ -15,6 +15,7 @@ import email.utils
 import importlib
 import logging
 import math
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -49,6 +50,7 @@ KNOWN_WINDOWS: dict[str, tuple[tuple[str, int], ...]] = {
     ),
     "anthropic": (("claude-", 200_000),),
 }
+SPEND_LIMIT_CODES = frozenset({"insufficient_quota", "billing_error"})  # a 429 that waiting won't fix
 
 
 # --- what a provider consumes and produces ------------------------------------------------------
@@ -140,6 +142,10 @@ class ProviderUnavailable(ProviderError):
     type = "provider_unavailable"
 
 
+class ProviderUnreachable(ProviderUnavailable):
+    """Nothing answered at the provider's address (connection refused or timed out)."""
+
+
 class ProviderMalformed(ProviderError):
     status_code = 502
     type = "provider_malformed_reply"
@@ -197,6 +203,30 @@ def upstream_message(body: object) -> str:
     return ""
 
 
+def error_code(body: object) -> object:
+    """The machine-readable code inside an error body of either provider, if any."""
+    if isinstance(body, Mapping):
+        inner = body.get("error")
+        if isinstance(inner, Mapping):
+            return error_code(inner)
+        details = body.get("details")
+        if isinstance(details, Mapping):
+            return details.get("error_code")
+        return body.get("code")
+    return None
+
+
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """One event or body from the upstream as a JSON object, or ProviderMalformed."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ProviderMalformed(f"{what} sent a reply that could not be read (not a JSON object)")
+    return value
+
+
 def retry_after(headers: Mapping[str, str]) -> str | None:
     """Seconds to wait, as a Retry-After value, from `retry-after-ms` or `retry-after` (seconds or date)."""
     if (ms := headers.get("retry-after-ms")) is not None:
@@ -227,7 +257,10 @@ class Provider:
     fallback_models: tuple[str, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     sdk: str = ""
+    reachable: bool | None = field(default=None, init=False)  # as last seen; None: not asked yet
     _client: Any = field(default=None, init=False, repr=False)
+    _module: Any = field(default=None, init=False, repr=False)
+    _building: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _models: tuple[float, list[str], str] | None = field(default=None, init=False, repr=False)
     context_tokens: int | None = None  # the server's window as configured (CHAT_SERVERS)
     _windows: dict[str, tuple[float, int | None]] = field(default_factory=dict, init=False, repr=False)
@@ -253,12 +286,17 @@ class Provider:
         return f"{self.name} at {self.where}"
 
     async def client(self) -> Any:
-        """The SDK client, built once and reused; the SDK is imported off the event loop."""
-        if self._client is None:
-            module = await anyio.to_thread.run_sync(importlib.import_module, self.sdk)
+        """The SDK client, built once and reused; importing the SDK and building a client (16-32 ms)
+        both happen off the event loop, so the first use never stalls other streams."""
+        async with self._building:
             if self._client is None:
-                self._client = self.build_client(module)
+                self._client = await anyio.to_thread.run_sync(self._build)
         return self._client
+
+    def _build(self) -> Any:
+        module = importlib.import_module(self.sdk)
+        self._module = module
+        return self.build_client(module)
 
     def build_client(self, module: Any) -> Any:
         raise NotImplementedError
@@ -274,15 +312,25 @@ class Provider:
         """Text deltas, then one Finish. Raises ProviderError, never an SDK exception.
 
         A connection failure or a 5xx is tried once more, but only while nothing has been yielded:
-        a retry never repeats text the client has already seen.
+        a retry never repeats text the client has already seen. A stream the upstream accepted and
+        then cut before the first token is asked once more without streaming, which says why
+        (llama-cpp-python cuts the stream of a too-long history, and answers the same request
+        without streaming with a 400 `context_length_exceeded`).
         """
         if not self.configured:
             raise ProviderNotConfigured(f"{self.name} is not configured: set {self.key_env_var}")
         client = await self.client()
+        opened = False
         for attempt in (1, 2):
             yielded = False
             try:
+                if opened:  # the first attempt was cut before its first token
+                    for item in await self.complete(client, request):
+                        yield item
+                    return
                 async with self.open_stream(client, request) as response:
+                    opened = True
+                    self.reachable = True
                     chunks = response.http_response.aiter_bytes()
                     async for item in self.parse(sse_events(chunks)):
                         if isinstance(item, Finish):
@@ -295,10 +343,16 @@ class Provider:
             except Exception as exc:
                 error = self.translate(exc, request.model)
                 error.__cause__ = exc
+            self.reachable = not isinstance(error, ProviderUnreachable)
             if yielded or attempt == 2 or not error.retryable:
                 raise error
-            log.info("%s: %s; retrying once", self.name, error.detail)
+            how = "without streaming" if opened else "once"
+            log.info("%s: %s; retrying %s", self.name, error.detail, how)
             await asyncio.sleep(RETRY_DELAY)
+
+    async def complete(self, client: Any, request: ChatRequest) -> list[str | Finish]:
+        """The whole reply in one response (no streaming): the text, then its Finish."""
+        raise NotImplementedError
 
     def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
         raise NotImplementedError
@@ -316,8 +370,15 @@ class Provider:
             client = await self.client()
             page = await client.models.list(timeout=MODELS_TIMEOUT)
             names, source, ttl = sorted(m.id for m in page.data), "upstream", MODELS_TTL
+            self.reachable = True
         except Exception as exc:
-            log.info("%s: could not list models (%s); using the fallback list", self.name, type(exc).__name__)
+            try:
+                error = self.translate(exc, "")
+            except Exception:  # not the provider's doing: logged with its traceback, listing goes on
+                log.exception("%s: listing models failed unexpectedly; using the fallback list", self.name)
+                error = ProviderError(f"{self.name}: unexpected error")
+            self.reachable = not isinstance(error, ProviderUnreachable)
+            log.info("%s: could not list models (%s); using the fallback list", self.name, error.detail)
             names, source, ttl = list(self.fallback_models), "fallback", MODELS_FAILURE_TTL
         self._models = (time.monotonic() + ttl, names, source)
         return names, source
@@ -359,36 +420,53 @@ class Provider:
     def redact(self, text: str) -> str:
         return text.replace(self.api_key, "[redacted]") if self.api_key else text
 
-    def translate(self, exc: BaseException, model: str) -> ProviderError:
-        """Map an SDK, transport or decoding exception to a ProviderError."""
-        status = getattr(exc, "status_code", None)
-        name = type(exc).__name__
-        if isinstance(status, int) and status != 200:
-            headers = getattr(getattr(exc, "response", None), "headers", {}) or {}
-            body = getattr(exc, "body", None)
-            code = getattr(exc, "error_code", None) or getattr(exc, "code", None)
-            return self.from_status(status, self.redact(upstream_message(body)), model, headers, code)
-        if name == "APITimeoutError" and type(exc.__cause__).__name__ == "ConnectTimeout":
-            name = "ConnectTimeout"  # the SDK wraps connect and read timeouts alike
-        if name in ("APIConnectionError", "ConnectError", "ConnectTimeout"):
-            return ProviderUnavailable(
+    def translate(self, exc: Exception, model: str) -> ProviderError:
+        """Map an SDK or transport exception to a ProviderError, by class (as httpx's
+        map_httpcore_exceptions does). Anything else is a bug of ours: raised as it is, so that it
+        reaches the log with its traceback instead of passing for the provider's fault."""
+        sdk, transport = self._module, sys.modules.get("httpx2")
+        if sdk is None or transport is None:
+            raise exc
+        if isinstance(exc, sdk.APIStatusError):
+            headers = exc.response.headers
+            codes = (getattr(exc, "code", None), getattr(exc, "type", None), error_code(exc.body))
+            message = self.redact(upstream_message(exc.body))
+            return self.from_status(exc.status_code, message, model, headers, codes)
+        if isinstance(exc, sdk.APIResponseValidationError):
+            return ProviderMalformed(f"{self.name} sent a reply that could not be read")
+        wrapper = exc if isinstance(exc, sdk.APIConnectionError) else None  # wraps a transport error
+        if wrapper is not None and isinstance(wrapper.__cause__, Exception):
+            exc = wrapper.__cause__
+        if isinstance(exc, sdk.APITimeoutError):
+            return self.timed_out()
+        if isinstance(exc, transport.ConnectTimeout | transport.ConnectError | sdk.APIConnectionError):
+            return ProviderUnreachable(
                 f"could not connect to {self.name} at {self.where}: is it running?", retryable=True
             )
-        if "Timeout" in name:
-            return ProviderTimeout(
-                f"{self.name} sent nothing for {self.timeouts.idle:g} s; try again, or raise "
-                f"CHAT_STREAM_IDLE_TIMEOUT for slow local models"
-            )
-        if isinstance(exc, (orjson.JSONDecodeError, KeyError, TypeError, AttributeError)):
-            return ProviderMalformed(f"{self.name} sent a reply that could not be read ({name})")
-        if "Error" in name and type(exc).__module__.startswith("httpx"):
+        if isinstance(exc, transport.TimeoutException):
+            return self.timed_out()
+        if isinstance(exc, transport.TransportError):
+            name = type(exc).__name__
             return ProviderUnavailable(
                 f"the connection to {self.name} broke off mid-reply ({name}); try again", retryable=True
             )
-        return self.from_stream_error(exc)
+        if wrapper is not None:  # the SDK could not connect, for a reason of its own
+            return ProviderUnreachable(f"could not connect to {self.name} at {self.where}: {wrapper}")
+        raise exc
+
+    def timed_out(self) -> ProviderTimeout:
+        return ProviderTimeout(
+            f"{self.name} sent nothing for {self.timeouts.idle:g} s; try again, or raise "
+            f"CHAT_STREAM_IDLE_TIMEOUT for slow local models"
+        )
 
     def from_status(
-        self, status: int, message: str, model: str, headers: Mapping[str, str], code: object = None
+        self,
+        status: int,
+        message: str,
+        model: str,
+        headers: Mapping[str, str],
+        codes: tuple[object, ...] = (),
     ) -> ProviderError:
         said = f": {message}" if message else ""
         if status in (400, 413, 422):
@@ -400,7 +478,7 @@ class Provider:
             which = repr(model) if model else "by that name"
             return ModelNotFound(f"{self.name} has no model {which}; see GET /api/models{said}")
         if status == 429:
-            if isinstance(code, str) and "spend_limit" in code:
+            if any(isinstance(c, str) and ("spend_limit" in c or c in SPEND_LIMIT_CODES) for c in codes):
                 return ProviderSpendLimit(
                     f"{self.name} spend limit reached{said}; raise it with the provider"
                 )
@@ -415,9 +493,6 @@ class Provider:
             f"{self.name} failed ({status}){said}; try again shortly", retryable=status in RETRY_STATUSES
         )
 
-    def from_stream_error(self, exc: BaseException) -> ProviderError:
-        return ProviderUnavailable(f"{self.name} failed: {self.redact(str(exc)) or type(exc).__name__}")
-
 
 @dataclass(eq=False)
 class OpenAICompatible(Provider):
@@ -426,12 +501,20 @@ class OpenAICompatible(Provider):
     sdk: str = "openai"
     max_tokens_field: str = "max_tokens"  # OpenAI's own API wants max_completion_tokens
 
+    sends_account_ids: bool = False  # OPENAI_ORG_ID / OPENAI_PROJECT_ID: for OpenAI's own API only
+
+    def __post_init__(self) -> None:
+        self.base_url = with_api_path(self.base_url)
+
     def build_client(self, module: Any) -> Any:
         timeout = module.Timeout(self.timeouts.idle, connect=self.timeouts.connect)
         # Local servers need no key, but the SDK refuses to start without one (llm does the same).
-        return module.AsyncOpenAI(
+        client = module.AsyncOpenAI(
             api_key=self.api_key or "no-key-needed", base_url=self.base_url, timeout=timeout, max_retries=0
         )
+        if not self.sends_account_ids:  # the SDK reads them from the environment for every client
+            client.organization = client.project = None
+        return client
 
     async def ask_context_window(self, model: str) -> int | None:
         """llama.cpp's `GET /props` (the window it was started with), else Ollama's `POST /api/show`."""
@@ -454,6 +537,43 @@ class OpenAICompatible(Provider):
         return lengths[0] if lengths else None
 
     def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
+        # The SDK walks every message of `messages=` through its type-driven transform, ~0.2 ms each
+        # (a 2,000-message history took 400 ms); `extra_body` is sent as is and takes precedence.
+        return client.chat.completions.with_streaming_response.create(  # type: ignore[no-any-return]
+            model=request.model, messages=[], stream=True, extra_body=self.body(request)
+        )
+
+    async def first_chat_model(self) -> str | None:
+        """The first model this server lists that can chat; None if it lists none or did not answer."""
+        names, source = await self.models()
+        if source != "upstream":
+            return None
+        for name in names:
+            if await self.can_chat(name):
+                return name
+        return None
+
+    async def can_chat(self, model: str) -> bool:
+        """False only where the server says so: Ollama's `/api/show` lists a model's capabilities,
+        and an embedding model's leave out "completion". Other servers do not say: True."""
+        client = await self.client()
+        root = urllib.parse.urlsplit(self.base_url)._replace(path="", query="", fragment="")
+        try:
+            response = await client.post(
+                f"{root.geturl()}/api/show",
+                body={"model": model},
+                cast_to=sys.modules["httpx2"].Response,
+                options={"timeout": MODELS_TIMEOUT},
+            )
+        except self._module.APIError:  # no such endpoint, or it failed: the server does not say
+            return True
+        try:
+            capabilities = as_dict(orjson.loads(response.content)).get("capabilities")
+        except orjson.JSONDecodeError:
+            return True
+        return not isinstance(capabilities, list) or "completion" in capabilities
+
+    def body(self, request: ChatRequest) -> dict[str, Any]:
         messages = [{"role": "system", "content": request.system}] if request.system else []
         messages += [{"role": m.role, "content": m.content} for m in request.messages]
         body: dict[str, Any] = {"messages": messages, "stream_options": {"include_usage": True}}
@@ -461,11 +581,7 @@ class OpenAICompatible(Provider):
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body[self.max_tokens_field] = request.max_tokens
-        # The SDK walks every message of `messages=` through its type-driven transform, ~0.2 ms each
-        # (a 2,000-message history took 400 ms); `extra_body` is sent as is and takes precedence.
-        return client.chat.completions.with_streaming_response.create(  # type: ignore[no-any-return]
-            model=request.model, messages=[], stream=True, extra_body=body
-        )
+        return body
 
     async def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:
         finish = Finish(reason=None)
@@ -474,31 +590,78 @@ class OpenAICompatible(Provider):
             if data == b"[DONE]":
                 done = True
                 break
-            chunk = orjson.loads(data)
+            chunk = json_object(data, self.name)
             if "error" in chunk:
                 raise self.from_chunk_error(chunk["error"])
-            for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
-                if text:
+            for choice in as_list(chunk.get("choices")):
+                text = as_dict(as_dict(choice).get("delta")).get("content")
+                if isinstance(text, str) and text:
                     yield text
-                finish.reason = choice.get("finish_reason") or finish.reason
-            if usage := chunk.get("usage"):
-                finish.input_tokens = usage.get("prompt_tokens")
-                finish.output_tokens = usage.get("completion_tokens")
+                finish.reason = as_dict(choice).get("finish_reason") or finish.reason
+            self.count(finish, chunk.get("usage"))
         if not done and finish.reason is None:
             raise ProviderUnavailable(
-                f"{self.name} ended the stream before the reply was finished; try again"
+                f"{self.name} ended the stream before the reply was finished; try again", retryable=True
             )
         yield finish
 
+    def count(self, finish: Finish, usage: object) -> None:
+        if isinstance(usage, dict):
+            finish.input_tokens = usage.get("prompt_tokens")
+            finish.output_tokens = usage.get("completion_tokens")
+
+    async def complete(self, client: Any, request: ChatRequest) -> list[str | Finish]:
+        body = self.body(request)
+        del body["stream_options"]
+        response = await client.chat.completions.with_raw_response.create(
+            model=request.model, messages=[], stream=False, extra_body=body
+        )
+        reply = json_object(response.http_response.content, self.name)
+        choice = as_dict(as_list(reply.get("choices"))[0] if as_list(reply.get("choices")) else None)
+        text = as_dict(choice.get("message")).get("content")
+        finish = Finish(reason=choice.get("finish_reason"))
+        self.count(finish, reply.get("usage"))
+        return [text, finish] if isinstance(text, str) and text else [finish]
+
     def from_chunk_error(self, error: object) -> ProviderError:
+        """An error event inside the stream (the HTTP status was already 200): what it says."""
         message = self.redact(upstream_message(error))
-        kind = error.get("type") if isinstance(error, Mapping) else None
-        if kind in ("rate_limit_error", "rate_limit_exceeded"):
-            return ProviderRateLimited(f"{self.name} is rate limiting requests: {message}")
-        if kind == "invalid_request_error":
-            return ProviderRejected(f"{self.name} rejected the request: {message}")
-        return ProviderUnavailable(f"{self.name} failed mid-reply: {message or kind}")
+        details = as_dict(error)
+        kind, code = details.get("type"), details.get("code")
+        status = code if isinstance(code, int) else OPENAI_ERROR_STATUS.get(str(kind or code), 500)
+        if not message:
+            message = str(kind or code or "")
+        return self.from_status(status, message, "", {}, (kind, code))
+
+
+# the HTTP status each OpenAI-style error type comes with, for errors that arrive mid-stream
+OPENAI_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "context_length_exceeded": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+}
+
+
+def as_dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def with_api_path(base_url: str) -> str:
+    """An OpenAI-compatible base URL with an empty or `/` path means `/v1` (Ollama's docs write
+    `http://localhost:11434`; the API lives under `/v1`)."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.path in ("", "/"):
+        return urllib.parse.urlunsplit(parts._replace(path="/v1"))
+    return base_url
 
 
 # the HTTP status each Anthropic error type comes with, for errors that arrive mid-stream
@@ -526,48 +689,69 @@ class Anthropic(Provider):
         )
 
     def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
+        return client.messages.with_streaming_response.create(  # type: ignore[no-any-return]
+            **self.arguments(request), stream=True
+        )
+
+    def arguments(self, request: ChatRequest) -> dict[str, Any]:
         options: dict[str, Any] = {}
         if request.system:
             options["system"] = request.system
         if request.temperature is not None:
             # The SDK has no temperature argument; the API version decides whether it is accepted.
             options["extra_body"] = {"temperature": request.temperature}
-        return client.messages.with_streaming_response.create(  # type: ignore[no-any-return]
-            model=request.model,
-            max_tokens=request.max_tokens or self.default_max_tokens,
-            messages=alternating(request.messages),
-            stream=True,
+        return {
+            "model": request.model,
+            "max_tokens": request.max_tokens or self.default_max_tokens,
+            "messages": alternating(request.messages),
             **options,
-        )
+        }
 
     async def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:
         finish = Finish(reason=None)
         async for _, data in events:
-            event = orjson.loads(data)
-            kind = event["type"]
+            event = json_object(data, self.name)
+            kind = event.get("type")
             if kind == "content_block_delta":
-                delta = event["delta"]
-                if delta.get("type") == "text_delta" and delta["text"]:
-                    yield delta["text"]
+                delta = as_dict(event.get("delta"))
+                text = delta.get("text")
+                if delta.get("type") == "text_delta" and isinstance(text, str) and text:
+                    yield text
             elif kind == "message_start":
-                usage = event["message"].get("usage") or {}
-                finish.input_tokens = usage.get("input_tokens")
-                finish.output_tokens = usage.get("output_tokens")
+                self.count(finish, as_dict(event.get("message")).get("usage"))
             elif kind == "message_delta":
-                finish.reason = event["delta"].get("stop_reason") or finish.reason
-                finish.output_tokens = (event.get("usage") or {}).get("output_tokens", finish.output_tokens)
+                finish.reason = as_dict(event.get("delta")).get("stop_reason") or finish.reason
+                finish.output_tokens = as_dict(event.get("usage")).get("output_tokens", finish.output_tokens)
             elif kind == "message_stop":
                 yield finish
                 return
             elif kind == "error":
-                raise self.from_event_error(event.get("error") or {})
-        raise ProviderUnavailable(f"{self.name} ended the stream before the reply was finished; try again")
+                raise self.from_event_error(as_dict(event.get("error")))
+        raise ProviderUnavailable(
+            f"{self.name} ended the stream before the reply was finished; try again", retryable=True
+        )
+
+    def count(self, finish: Finish, usage: object) -> None:
+        if isinstance(usage, dict):
+            finish.input_tokens = usage.get("input_tokens")
+            finish.output_tokens = usage.get("output_tokens")
+
+    async def complete(self, client: Any, request: ChatRequest) -> list[str | Finish]:
+        response = await client.messages.with_raw_response.create(**self.arguments(request), stream=False)
+        reply = json_object(response.http_response.content, self.name)
+        blocks = [as_dict(b) for b in as_list(reply.get("content"))]
+        text = "".join(
+            b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str)
+        )
+        finish = Finish(reason=reply.get("stop_reason"))
+        self.count(finish, reply.get("usage"))
+        return [text, finish] if text else [finish]
 
     def from_event_error(self, error: Mapping[str, Any]) -> ProviderError:
         """An `event: error` mid-stream: classify by its type (the HTTP status was already 200)."""
         kind = str(error.get("type") or "api_error")
         message = self.redact(upstream_message(error))
-        return self.from_status(ANTHROPIC_ERROR_STATUS.get(kind, 500), message, "", {})
+        return self.from_status(ANTHROPIC_ERROR_STATUS.get(kind, 500), message, "", {}, (kind,))
 
 
 def alternating(messages: list[ChatMessage]) -> list[dict[str, str]]:

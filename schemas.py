@@ -56,7 +56,9 @@ class Strict(BaseModel):
 class ChatIn(Strict):
     message: str = Field(min_length=1, max_length=500_000, description="The user's message.")
     conversation_id: str | None = Field(
-        None, min_length=1, max_length=64, description="Continue this conversation; omit to start one."
+        None,
+        description="Continue this conversation (32 lowercase hex characters); omit to start one. "
+        "A malformed id is answered like an unknown one: 404 conversation_not_found.",
     )
     model: ModelName | None = Field(None, description="provider/model; default: the conversation's.")
     system: SystemPrompt | None = None
@@ -203,11 +205,18 @@ class ModelsOut(BaseModel):
     providers: list[ProviderOut]
 
 
+class ProviderHealth(BaseModel):
+    configured: bool = Field(description="has the key it needs (local servers need none)")
+    reachable: bool | None = Field(
+        description="answered the last model listing or call; null: not asked yet (health never probes)"
+    )
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
     data_dir_writable: bool
-    providers: dict[str, bool] = Field(description="provider name -> configured")
+    providers: dict[str, ProviderHealth] = Field(description="provider name -> its state")
     unreadable_conversations: list[str]
 
 

@@ -30,11 +30,12 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from storage import (
@@ -810,10 +811,30 @@ async def get_index(request: Request) -> SearchIndex:
 
 IndexDep = Annotated[SearchIndex, Depends(get_index)]
 
+
+class SnippetPartOut(BaseModel):
+    text: str
+    match: bool = Field(description="true for a part the query matched (show it highlighted)")
+
+
+class SearchHitOut(BaseModel):
+    conversation_id: str
+    conversation_title: str | None
+    message_id: str | None = Field(description="null for a match in the title")
+    role: Literal["user", "assistant"] | None
+    snippet: list[SnippetPartOut] = Field(description="plain text in parts, never HTML")
+    created_at: str
+
+
+class SearchOut(BaseModel):
+    items: list[SearchHitOut]
+    next_cursor: str | None
+
+
 router = APIRouter(tags=["search"])
 
 
-@router.get("/api/search")
+@router.get("/api/search", response_model=SearchOut)
 async def search(
     index: IndexDep,
     q: Annotated[str, Query(min_length=1, max_length=500, pattern=r"\S")],

@@ -18,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -30,13 +31,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NotRequired, Protocol, TypedDict, TypeVar
+from typing import Any, Literal, NotRequired, Protocol, TypeVar
 
 import anyio.to_thread
 import orjson
 from filelock import FileLock
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic reads only this one on Python 3.11
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ID_RE = re.compile(r"[0-9a-f]{32}")
 FILE_RE = re.compile(r"([0-9a-f]{32})\.json")
 STALE_TEMP_SECONDS = 60.0
@@ -44,6 +47,12 @@ STALE_TEMP_SECONDS = 60.0
 log = logging.getLogger("chat.storage")
 
 Status = Literal["complete", "incomplete", "error"]
+
+
+# The stored shape, described once. Each file is checked against it when read (`SHAPE`), and the
+# check's output is thrown away: the file's own dict is what the service uses and writes back, so
+# keys this version does not know (added by a newer one, or by hand) are kept. A new stored field
+# is NotRequired here (older files lack it) and documented in SPEC.md section 4.
 
 
 class Usage(TypedDict):
@@ -100,6 +109,9 @@ class Totals(TypedDict):
     input_tokens: int
     output_tokens: int
     cost: float | None  # None until some reply has a known price
+
+
+SHAPE: TypeAdapter[Conversation] = TypeAdapter(Conversation)
 
 
 class Summary(TypedDict):
@@ -330,16 +342,20 @@ def placeholder_reply(model: str, params: Params) -> Message:
 
 
 def _migrate_0_to_1(doc: dict[str, Any]) -> dict[str, Any]:
-    """Version 0: a hand-written or pre-release file without schema_version, status or params."""
+    """Version 0: a hand-written or pre-release file without schema_version, ids, status or params.
+
+    What it lacks is derived from the file itself, never made up, so that reading the same file
+    twice gives the same ids and `current_id` (it is migrated on every read until it is written).
+    """
     doc.setdefault("title", None)
     doc.setdefault("system", None)
     doc.setdefault("params", {"temperature": None, "max_tokens": None})
     messages = doc.setdefault("messages", [])
     previous = None
-    for message in messages:
-        message.setdefault("id", new_id())
+    for position, message in enumerate(messages):
+        message.setdefault("id", derived_id(doc.get("id"), position, message))
         message.setdefault("parent_id", previous)
-        message.setdefault("created_at", doc.get("created_at", now()))
+        message.setdefault("created_at", doc.get("created_at"))
         if message.get("role") == "assistant":
             message.setdefault("status", "complete")
         previous = message["id"]
@@ -348,11 +364,31 @@ def _migrate_0_to_1(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate_0_to_1}
+def derived_id(conversation_id: object, position: int, message: dict[str, Any]) -> str:
+    """An id for a message that has none: a hash of its conversation, position and content."""
+    seed = orjson.dumps([conversation_id, position, message], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(seed).hexdigest()[:32]
+
+
+def _migrate_1_to_2(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 adds only optional fields (see SPEC.md section 4): a version 1 file is one already.
+
+    The bump tells an older service that a file may hold fields it would not understand, so it
+    refuses the file instead of dropping them.
+    """
+    doc["schema_version"] = 2
+    return doc
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
 
 
 def parse_conversation(data: bytes, conversation_id: str) -> Conversation:
-    """Decode a file's bytes, migrating an older schema; refuse corrupt or newer files."""
+    """Decode a file's bytes, migrating an older schema; refuse a corrupt, misshapen or newer file.
+
+    The one check of a file's shape: every reader (the API, a turn, the listing) goes through it,
+    and any problem is ConversationUnreadable (409), never an exception further on.
+    """
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -360,57 +396,57 @@ def parse_conversation(data: bytes, conversation_id: str) -> Conversation:
             f"conversation {conversation_id} is not valid JSON ({exc}); "
             f"the file is left untouched: repair it or delete it"
         ) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("messages", []), list):
+    if not isinstance(doc, dict):
         raise ConversationUnreadable(
             f"conversation {conversation_id} is not a conversation object; repair the file or delete it"
         )
-    version = doc.get("schema_version", 0)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    doc = migrated(doc, conversation_id)
+    try:
+        SHAPE.validate_python(doc, strict=True)  # a check only: its output would drop unknown keys
+    except ValidationError as exc:
         raise ConversationUnreadable(
-            f"conversation {conversation_id} was written by a newer version (schema {version}, "
+            f"conversation {conversation_id} {shape_problem(exc)}; repair the file or delete it"
+        ) from None
+    if doc["id"] != conversation_id:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} has id {doc['id']!r} instead of its file name; "
+            f"repair the file or delete it"
+        )
+    conversation: Conversation = doc  # type: ignore[assignment]  # checked just above
+    return conversation
+
+
+def migrated(doc: dict[str, Any], conversation_id: str) -> dict[str, Any]:
+    """The file's dict brought to SCHEMA_VERSION, in place; refuses a newer file."""
+    version = doc.get("schema_version", 0)
+    if type(version) is not int or version < 0:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} has schema_version {version!r}, which is no version "
+            f"(0 to {SCHEMA_VERSION}); repair the file or delete it"
+        )
+    if version > SCHEMA_VERSION:
+        raise ConversationUnreadable(
+            f"conversation {conversation_id} was written by a newer version (schema {version!r}, "
             f"this service reads up to {SCHEMA_VERSION}); upgrade the service to open it"
         )
     try:
         while version < SCHEMA_VERSION:
             doc = MIGRATIONS[version](doc)
             version = doc["schema_version"]
-    except (AttributeError, KeyError, TypeError) as exc:
+    except (AttributeError, TypeError) as exc:  # a part of the file is not the object it should be
         raise ConversationUnreadable(
-            f"conversation {conversation_id} could not be upgraded ({type(exc).__name__}: {exc}); "
-            f"repair the file or delete it"
+            f"conversation {conversation_id} could not be upgraded from schema {version} "
+            f"({type(exc).__name__}: {exc}); repair the file or delete it"
         ) from None
-    problem = shape_problem(doc, conversation_id)
-    if problem is not None:
-        raise ConversationUnreadable(
-            f"conversation {conversation_id} {problem}; repair the file or delete it"
-        )
-    conversation: Conversation = doc
-    return conversation
+    return doc
 
 
-def shape_problem(doc: dict[str, Any], conversation_id: str) -> str | None:
-    """What is wrong with a decoded file's shape, if anything (so that nothing downstream trips on it)."""
-    if doc.get("id") != conversation_id:
-        return f"has id {doc.get('id')!r} instead of its file name"
-    for key in ("created_at", "updated_at", "model"):
-        if not isinstance(doc.get(key), str):
-            return f"has no text field {key!r}"
-    for key in ("title", "system", "current_id"):
-        if not isinstance(doc.get(key, 0), str | None):  # missing counts as wrong: 0 is neither
-            return f"has no {key!r} that is text or null"
-    params = doc.get("params")
-    if not isinstance(params, dict) or not {"temperature", "max_tokens"} <= params.keys():
-        return "has no 'params' object with temperature and max_tokens"
-    for position, message in enumerate(doc["messages"]):
-        if not (
-            isinstance(message, dict)
-            and all(isinstance(message.get(k), str) for k in ("id", "content", "created_at"))
-            and message.get("role") in ("user", "assistant")
-            and isinstance(message.get("parent_id", 0), str | None)
-        ):
-            needs = "id, parent_id, role, content and created_at"
-            return f"has a malformed message at position {position} (each needs {needs})"
-    return None
+def shape_problem(exc: ValidationError) -> str:
+    """The first thing wrong with a file, in the file's own terms: `messages.3.role: Input should be ...`."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the file"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"does not have the stored shape: {where}: {first['msg']}{more}"
 
 
 def encode(conversation: Conversation) -> bytes:
@@ -445,6 +481,11 @@ def write_durably(path: Path, data: bytes) -> None:
 
     A crash at any instant leaves either the old or the new file; the temp file is removed on error.
     """
+    os.close(write_durably_kept(path, data))
+
+
+def write_durably_kept(path: Path, data: bytes) -> int:
+    """`write_durably`, returning the new file's descriptor, still open (the caller closes it)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -453,14 +494,16 @@ def write_durably(path: Path, data: bytes) -> None:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_directory(path.parent)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        os.close(fd)
         raise
-    fsync_directory(path.parent)
+    return fd
 
 
 def fsync_directory(directory: Path) -> None:
@@ -507,42 +550,69 @@ class RepeatedTurn(NothingToWrite):
 CURRENT = "current"  # append_turn's default parent: the conversation's current leaf
 
 
-Signature = tuple[int, int, int]
-
-
-def file_signature(stat: os.stat_result) -> Signature:
-    """Changes whenever the file is replaced: a new inode, and usually a new size and mtime too."""
-    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
 class RecentConversations:
-    """The last few conversations this process wrote, each with the signature of its file.
+    """The last few conversations this process wrote, each with its file held open.
 
     Used only under the conversation's locks, to change it again without reading it back;
     `get` never uses it, so nobody sees an object while it is being changed.
+
+    Why a cached copy is still the file: the descriptor of the written file stays open, so its
+    inode cannot be freed and given to another file. If the path still names that inode
+    (`os.path.samestat`), nobody has replaced the file since, as every writer (in any process)
+    replaces the file whole. No timestamp is trusted for that; the file's size and times, as seen
+    through the descriptor, only add a reason to re-read (a hand edit in place, same inode).
     """
 
     SIZE = 16
 
     def __init__(self) -> None:
-        self._items: OrderedDict[str, tuple[Signature, Conversation]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, Conversation]] = OrderedDict()
+        self._stamps: dict[int, tuple[int, int, int]] = {}
         self._lock = threading.Lock()  # different conversations change in different threads
+        self._closer = weakref.finalize(self, close_all, self._items)
 
-    def get(self, conversation_id: str, signature: Signature) -> Conversation | None:
-        with self._lock:
+    def get(self, conversation_id: str, path: Path) -> Conversation | None:
+        with self._lock:  # so that no other thread closes the descriptor while it is compared
             item = self._items.get(conversation_id)
-        return item[1] if item is not None and item[0] == signature else None
+            if item is None:
+                return None
+            with reading(conversation_id):
+                on_disk = os.stat(path)
+            kept = os.fstat(item[0])
+            same = os.path.samestat(kept, on_disk) and stamp(kept) == self._stamps.get(item[0])
+            return item[1] if same else None
 
-    def keep(self, conversation_id: str, signature: Signature, conversation: Conversation) -> None:
+    def keep(self, conversation_id: str, fd: int, conversation: Conversation) -> None:
         with self._lock:
-            self._items[conversation_id] = (signature, conversation)
-            self._items.move_to_end(conversation_id)
+            old = self._items.pop(conversation_id, None)
+            self._items[conversation_id] = (fd, conversation)
+            self._stamps[fd] = stamp(os.fstat(fd))
             while len(self._items) > self.SIZE:
-                self._items.popitem(last=False)
+                _, (evicted, _) = self._items.popitem(last=False)
+                os.close(evicted)
+        if old is not None:
+            os.close(old[0])
 
     def forget(self, conversation_id: str) -> None:
         with self._lock:
-            self._items.pop(conversation_id, None)
+            item = self._items.pop(conversation_id, None)
+        if item is not None:
+            os.close(item[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._closer()
+
+
+def stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def close_all(items: OrderedDict[str, tuple[int, Conversation]]) -> None:
+    while items:
+        _, (fd, _) = items.popitem()
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class Store:
@@ -571,6 +641,10 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 if entry.name.endswith(".tmp") and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
+
+    def close(self) -> None:
+        """Close the files the cache holds open (also done when the Store is garbage collected)."""
+        self._recent.close()
 
     async def writable(self) -> bool:
         """Can conversations be written? Checked at most once a second (health is polled often)."""
@@ -771,8 +845,10 @@ class Store:
 
     def _check_id(self, conversation_id: str) -> None:
         if not is_valid_id(conversation_id):
+            shown = conversation_id if len(conversation_id) <= 64 else conversation_id[:61] + "..."
             raise ConversationNotFound(
-                f"no conversation {conversation_id!r}: ids are 32 lowercase hex characters"
+                f"no conversation {shown!r}: ids are 32 lowercase hex characters; "
+                f"list them with GET /api/conversations"
             )
 
     async def _locked(self, conversation_id: str, work: Callable[[], T], creating: bool = False) -> T:
@@ -834,18 +910,16 @@ class Store:
             change(conversation)
             if touch:
                 conversation["updated_at"] = now()
-            signature = self._write(conversation)
+            fd = self._write(conversation)
         except BaseException:
             self._recent.forget(conversation_id)  # the object may be half changed
             raise
-        self._recent.keep(conversation_id, signature, conversation)
+        self._recent.keep(conversation_id, fd, conversation)
         return conversation
 
     def _read_to_change(self, conversation_id: str) -> Conversation:
         """The conversation as this process last wrote it, if the file is still that one."""
-        with reading(conversation_id):
-            stat = os.stat(self._path(conversation_id))
-        cached = self._recent.get(conversation_id, file_signature(stat))
+        cached = self._recent.get(conversation_id, self._path(conversation_id))
         return cached if cached is not None else self._read(conversation_id)
 
     def _path(self, conversation_id: str) -> Path:
@@ -857,21 +931,21 @@ class Store:
         return parse_conversation(data, conversation_id)
 
     def _write_new(self, conversation: Conversation) -> Conversation:
-        self._write(conversation)
+        os.close(self._write(conversation))
         return conversation
 
     def _write_if_new(self, conversation: Conversation) -> bool:
         if self._path(conversation["id"]).exists():
             return False
-        self._write(conversation)
+        os.close(self._write(conversation))
         return True
 
-    def _write(self, conversation: Conversation) -> Signature:
-        path = self._path(conversation["id"])
-        write_durably(path, encode(conversation))
-        stat = os.stat(path)
+    def _write(self, conversation: Conversation) -> int:
+        """Write the file and tell the index; returns its descriptor, still open, for RecentConversations."""
+        fd = write_durably_kept(self._path(conversation["id"]), encode(conversation))
+        stat = os.fstat(fd)
         self._index(lambda indexer: indexer.written(conversation, stat))
-        return file_signature(stat)
+        return fd
 
     def _unlink(self, conversation_id: str) -> None:
         self._recent.forget(conversation_id)

@@ -32,7 +32,7 @@ import anyio.to_thread
 import orjson
 from fastapi import APIRouter, Query, Request
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict, NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 from starlette.responses import Response
 
 from tokens import estimate_messages, estimate_tokens
@@ -379,10 +379,32 @@ class Usage:
 # --- the route ----------------------------------------------------------------------------------
 
 
+class UsageTotalsOut(BaseModel):
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost: float = Field(description="USD over the generations with a known price")
+    unpriced_requests: int = Field(description="generations whose price is unknown (not in `cost`)")
+
+
+class UsageGroupOut(UsageTotalsOut):
+    day: str | None = Field(None, description="with group_by=day: YYYY-MM-DD (UTC)")
+    model: str | None = Field(None, description="with group_by=model: provider/model")
+    provider: str | None = Field(None, description="with group_by=provider")
+
+
+class UsageOut(BaseModel):
+    from_: str | None = Field(alias="from")
+    to: str | None
+    group_by: GroupBy
+    groups: list[UsageGroupOut]
+    total: UsageTotalsOut
+
+
 router = APIRouter(tags=["usage"])
 
 
-@router.get("/api/usage")
+@router.get("/api/usage", response_model=UsageOut)
 async def usage_totals(
     request: Request,
     from_: Annotated[date | None, Query(alias="from", description="first UTC day, e.g. 2026-11-01")] = None,

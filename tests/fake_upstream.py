@@ -504,6 +504,11 @@ class FakeUpstream:
         """Ollama: ``POST /api/show`` reports this ``context_length`` (None: 404)."""
         self.probes: list[RecordedRequest] = []
         """Requests for ``/props`` and ``/api/show``: kept apart from ``requests`` (chat traffic)."""
+        self.openai_models: tuple[str, ...] = OPENAI_MODELS
+        """What ``GET /v1/models`` lists (OpenAI format)."""
+        self.capabilities: dict[str, list[str]] | None = None
+        """Ollama's ``POST /api/show`` answers ``{"capabilities": [...]}`` for these models (404 for
+        others); None: no such endpoint (404), as on servers that are not Ollama."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queue: deque[Reply] = deque()
@@ -542,6 +547,8 @@ class FakeUpstream:
             self._queue.clear()
             self.requests.clear()
             self.probes.clear()
+            self.openai_models = OPENAI_MODELS
+            self.capabilities = None
         self.context_window = None
         self.ollama_context = None
 
@@ -790,9 +797,8 @@ class FakeUpstream:
         if rec.path == "/props" and self.context_window is not None:
             obj = {"default_generation_settings": {"n_ctx": self.context_window}, "total_slots": 1}
             return await self._write_json(conn, 200, obj, [], keep_alive)
-        if rec.path == "/api/show" and self.ollama_context is not None:
-            info = {"general.architecture": "llama", "llama.context_length": self.ollama_context}
-            return await self._write_json(conn, 200, {"model_info": info, "parameters": ""}, [], keep_alive)
+        if rec.path == "/api/show" and (self.ollama_context is not None or self.capabilities is not None):
+            return await self._ollama_show(conn, rec.body, keep_alive)
         return await self._write_json(conn, 404, {"error": "not found"}, [], keep_alive)
 
     def _too_long(self, body: dict[str, Any]) -> bytes | None:
@@ -827,10 +833,25 @@ class FakeUpstream:
             obj = {
                 "object": "list",
                 "data": [
-                    {"id": mid, "object": "model", "created": 0, "owned_by": "fake"} for mid in OPENAI_MODELS
+                    {"id": mid, "object": "model", "created": 0, "owned_by": "fake"}
+                    for mid in self.openai_models
                 ],
             }
         return await self._write_json(conn, status, obj, self._id_headers(anthropic), keep_alive)
+
+    async def _ollama_show(self, conn: _Conn, body: Any, keep_alive: bool) -> bool:
+        """Ollama's ``/api/show``: the model's capabilities (when ``capabilities`` lists it) and its
+        context window (when ``ollama_context`` is set); 404 for a model it knows nothing of."""
+        model = body.get("model") if isinstance(body, dict) else None
+        obj: dict[str, Any] = {"parameters": ""}
+        capabilities = (self.capabilities or {}).get(str(model))
+        if capabilities is not None:
+            obj["capabilities"] = capabilities
+        if self.ollama_context is not None:
+            obj["model_info"] = {"general.architecture": "llama", "llama.context_length": self.ollama_context}
+        if len(obj) == 1:
+            return await self._write_json(conn, 404, {"error": f"model '{model}' not found"}, [], keep_alive)
+        return await self._write_json(conn, 200, obj, [], keep_alive)
 
     # ---- OpenAI Chat Completions ----------------------------------------------------------------
 

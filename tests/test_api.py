@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import json
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 
 from tests.conftest import stream_chat
@@ -320,12 +324,42 @@ def test_an_unreadable_file_is_a_clear_storage_error(
     )
 
 
+def test_a_file_of_the_wrong_shape_is_a_409_everywhere_and_left_out_of_the_listing(
+    make_client: Callable[..., TestClient], data_dir: Path
+) -> None:
+    client = make_client()
+    good = chat(client, message="fine")["conversation_id"]
+    bad = chat(client, message="soon broken")["conversation_id"]
+    path = data_dir / "conversations" / f"{bad}.json"
+    doc = json.loads(path.read_text())
+    del doc["messages"]  # made every listing, and GET/chat/PATCH on it, answer 500
+    path.write_text(json.dumps(doc))
+    before = path.read_bytes()
+    client = make_client()  # a restart: the listing is built from the files
+    listing = client.get("/api/conversations")
+    assert listing.status_code == 200, listing.text
+    assert [c["id"] for c in listing.json()["items"]] == [good]
+    assert client.get("/api/health").json()["unreadable_conversations"] == [bad]
+    for response in (
+        client.get(f"/api/conversations/{bad}"),
+        client.post("/api/chat", json={"message": "more", "conversation_id": bad}),
+        client.patch(f"/api/conversations/{bad}", json={"title": "x"}),
+    ):
+        assert response.status_code == 409, response.text
+        assert response.json()["type"] == "conversation_unreadable"
+        assert "messages: Field required" in response.json()["detail"]
+    assert path.read_bytes() == before
+
+
 def test_unknown_ids_leave_no_files_behind(client: TestClient, data_dir: Path) -> None:
     unknown = "0" * 32
     for method in ("GET", "PATCH", "DELETE"):
         assert client.request(method, f"/api/conversations/{unknown}", json={"title": "x"}).status_code == 404
     assert client.post("/api/chat", json={"message": "hi", "conversation_id": unknown}).status_code == 404
-    assert client.post("/api/chat", json={"message": "hi", "conversation_id": ""}).status_code == 422
+    for malformed in ("", "x" * 65):  # one answer for any id that is not one: as for an unknown id
+        response = client.post("/api/chat", json={"message": "hi", "conversation_id": malformed})
+        assert response.status_code == 404
+        assert response.json()["type"] == "conversation_not_found"
     assert list((data_dir / "conversations").iterdir()) == []
 
 
@@ -390,27 +424,30 @@ def test_two_turns_at_once_both_land_whole(client: TestClient, upstream: FakeUps
 
 # --- bad input ----------------------------------------------------------------------------------
 
-BAD_BODIES: list[Any] = [
-    {},
-    {"message": ""},
-    {"message": "   \n"},
-    {"message": 5},
-    {"message": "hi", "stream": "maybe"},
-    {"message": "hi", "temperature": 9},
-    {"message": "hi", "max_tokens": 0},
-    {"message": "hi", "model": "no-slash"},
-    {"message": "hi", "unknown_field": 1},
-    ["message", "hi"],
-    "just a string",
+# each bad body, and where the error must point: the field (or the body itself)
+BAD_BODIES: list[tuple[Any, list[Any]]] = [
+    ({}, ["body", "message"]),
+    ({"message": ""}, ["body", "message"]),
+    ({"message": "   \n"}, ["body", "message"]),
+    ({"message": 5}, ["body", "message"]),
+    ({"message": "hi", "stream": "maybe"}, ["body", "stream"]),
+    ({"message": "hi", "temperature": 9}, ["body", "temperature"]),
+    ({"message": "hi", "max_tokens": 0}, ["body", "max_tokens"]),
+    ({"message": "hi", "model": "no-slash"}, ["body", "model"]),
+    ({"message": "hi", "unknown_field": 1}, ["body", "unknown_field"]),
+    (["message", "hi"], ["body"]),
+    ("just a string", ["body"]),
 ]
 
 
 def test_bad_bodies_get_a_422_with_the_field(client: TestClient) -> None:
-    for body in BAD_BODIES:
+    for body, where in BAD_BODIES:
         response = client.post("/api/chat", json=body)
         assert response.status_code == 422, (body, response.text)
         assert response.json()["type"] == "invalid_request"
-        assert response.json()["detail"][0]["msg"]
+        errors = response.json()["detail"]
+        assert [e["loc"] for e in errors] == [where], (body, errors)
+        assert errors[0]["msg"]
 
 
 def test_malformed_json_and_wrong_content_are_4xx(client: TestClient) -> None:
@@ -449,9 +486,34 @@ def test_health(client: TestClient) -> None:
         "status": "ok",
         "version": "0.1.0",
         "data_dir_writable": True,
-        "providers": {"openai": True, "anthropic": True, "ollama": True, "lmstudio": True},
+        "providers": {
+            name: {"configured": True, "reachable": None}
+            for name in ("openai", "anthropic", "ollama", "lmstudio")
+        },
         "unreadable_conversations": [],
     }
+
+
+def test_health_says_which_providers_answered_without_asking_them(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream
+) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    client = make_client(OLLAMA_BASE_URL=nowhere, ANTHROPIC_API_KEY=None)
+    requests_before = len(upstream.requests)
+    providers = client.get("/api/health").json()["providers"]
+    assert len(upstream.requests) == requests_before  # health asks nobody
+    assert providers["ollama"] == {"configured": True, "reachable": None}
+    assert providers["anthropic"] == {"configured": False, "reachable": None}
+    assert client.get("/api/models").status_code == 200
+    providers = client.get("/api/health").json()["providers"]
+    assert providers["ollama"] == {"configured": True, "reachable": False}
+    assert providers["openai"] == {"configured": True, "reachable": True}
+    assert providers["anthropic"] == {"configured": False, "reachable": None}
+    response = client.post("/api/chat", json={"message": "hi", "model": "ollama/llama3.2"})
+    assert response.status_code == 502
+    assert client.get("/api/health").json()["providers"]["ollama"]["reachable"] is False
 
 
 def test_models_lists_upstream_models_and_falls_back(
@@ -485,14 +547,112 @@ def test_models_lists_upstream_models_and_falls_back(
 def test_default_model_is_picked_from_configured_providers(make_client: Callable[..., TestClient]) -> None:
     only_anthropic = make_client(OPENAI_API_KEY=None, CHAT_DEFAULT_MODEL=None)
     assert only_anthropic.get("/api/models").json()["default_model"] == "anthropic/claude-sonnet-4-5"
-    nothing = make_client(OPENAI_API_KEY=None, ANTHROPIC_API_KEY=None, CHAT_DEFAULT_MODEL=None)
+    nothing = make_client(
+        OPENAI_API_KEY=None,
+        ANTHROPIC_API_KEY=None,
+        CHAT_DEFAULT_MODEL=None,
+        OLLAMA_BASE_URL=nowhere(),
+        CHAT_SERVERS={},
+    )
+    default_found(nothing)
     assert nothing.get("/api/models").json()["default_model"] == "ollama/llama3.2"
+
+
+def nowhere() -> str:
+    """An OpenAI-compatible URL nothing listens on."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+
+
+def default_found(client: TestClient) -> None:
+    """Wait until the app has asked the local servers for a default model."""
+    app: Any = client.app
+
+    async def settled() -> None:
+        await asyncio.wait([app.state.finding_default], timeout=60)
+
+    assert client.portal is not None
+    client.portal.call(settled)
+    assert app.state.finding_default.done()
+
+
+def test_with_only_local_servers_the_default_is_the_first_chat_model_they_list(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream.openai_models = ("all-minilm", "nomic-embed-text", "qwen2.5")
+    upstream.capabilities = {
+        "all-minilm": ["embedding"],
+        "nomic-embed-text": ["embedding"],
+        "qwen2.5": ["completion", "tools"],
+    }
+    client = make_client(
+        OPENAI_API_KEY=None,
+        ANTHROPIC_API_KEY=None,
+        CHAT_DEFAULT_MODEL=None,
+        OLLAMA_BASE_URL=nowhere(),  # the first local server does not answer: the next one is asked
+        CHAT_SERVERS={"lmstudio": {"base_url": upstream.base_url}},
+    )
+    default_found(client)
+    assert client.get("/api/models").json()["default_model"] == "lmstudio/qwen2.5"
+    assert "default model: lmstudio/qwen2.5 (the first chat model lmstudio lists)" in caplog.text
+    reply = chat(client, message="which model?")["message"]  # a chat that names no model
+    assert reply["model"] == "lmstudio/qwen2.5"
+    assert upstream.requests[-1].body["model"] == "qwen2.5"
 
 
 def test_openapi_documents_every_route(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
+    app: Any = client.app
+    routes = {  # iter_route_contexts also walks the routers added with include_router
+        (str(context.path), method.lower()): context.original_route
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute) and context.original_route.include_in_schema
+        for method in context.methods or ()
+    }
+    documented = {(path, method) for path, item in schema["paths"].items() for method in item}
+    assert documented == set(routes)
+    for (path, method), route in routes.items():
+        operation = schema["paths"][path][method]
+        assert operation.get("summary") and operation.get("description"), (path, method)  # the docstring
+        success = [code for code in operation["responses"] if code.startswith("2")]
+        assert success, (path, method)
+        for code in success:
+            if code != "204":
+                content = operation["responses"][code]["content"]
+                assert any(media.get("schema") for media in content.values()), (path, method, code)
+        if path.startswith("/api/"):  # /v1 answers errors in the OpenAI and Anthropic shapes
+            error_schema = operation["responses"]["404"]["content"]["application/json"]["schema"]
+            assert error_schema["$ref"].endswith("ErrorOut"), (path, method)
+        if route.body_field is not None:  # a route that reads a JSON body documents it
+            assert operation["requestBody"]["content"]["application/json"]["schema"], (path, method)
     chat_post = schema["paths"]["/api/chat"]["post"]
     assert chat_post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatIn")
     assert "text/event-stream" in chat_post["responses"]["200"]["content"]
-    assert schema["paths"]["/api/conversations"]["get"]["responses"]["200"]["content"]["application/json"]
     assert client.get("/docs").status_code == 200
+
+
+def test_a_conversation_is_encoded_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import main
+
+    conversation_id = chat(client, message="hi")["conversation_id"]
+    encoded_in: list[threading.Thread] = []
+    real = main.encode_view
+
+    def spy(view: dict[str, Any]) -> bytes:
+        encoded_in.append(threading.current_thread())
+        return real(view)
+
+    monkeypatch.setattr(main, "encode_view", spy)
+
+    async def loop_thread() -> threading.Thread:
+        return threading.current_thread()
+
+    response = client.get(f"/api/conversations/{conversation_id}")
+    assert response.status_code == 200
+    assert [m["content"] for m in response.json()["messages"]] == ["hi", "You said: hi"]
+    assert len(encoded_in) == 1
+    assert client.portal is not None
+    assert encoded_in[0] is not client.portal.call(loop_thread)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import storage
 from tests.test_storage import listed, new, opened, turn
 
@@ -64,6 +66,7 @@ def prepare(data_dir: Path) -> tuple[str, bytes]:
     return conversation_id, (store.conversations / f"{conversation_id}.json").read_bytes()
 
 
+@pytest.mark.timeout(1200)  # a child process per crash point: minutes on a busy 2-core machine
 def test_a_crash_at_every_file_system_call_leaves_old_or_new(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     conversation_id, before = prepare(reference)

@@ -138,7 +138,7 @@ def list_all(service: Service) -> list[Any]:
             return items
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)  # a bound for a hang, not for speed: CI is a busy 2-core box
 def test_two_server_processes_on_one_data_dir_lose_no_update(
     upstream: FakeUpstream, tmp_path: Path, soak: bool
 ) -> None:

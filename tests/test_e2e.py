@@ -131,7 +131,7 @@ def test_chat_stream_restart_and_find_it_intact(upstream: FakeUpstream, tmp_path
         assert events[-1][0] == "done"
         assert events[-1][1]["message"]["content"] == "You said: And Anthropic?"
         before = httpx2.get(f"{first.url}/api/conversations/{conversation_id}").json()
-        assert first.stop() < 10
+        assert first.stop(timeout=60) < 60  # it stops by itself, not killed
         assert first.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
     finally:
         if first.process.poll() is None:
@@ -175,9 +175,10 @@ def test_client_disconnect_mid_stream_closes_upstream_and_keeps_the_partial_repl
                     break
     gone_at = time.monotonic()
     assert start is not None
-    closed_at = upstream.wait_closed(0, timeout=10)
+    closed_at = upstream.wait_closed(0, timeout=60)
     assert closed_at is not None
-    assert closed_at - gone_at < 2.0, "the upstream stream should be closed promptly"
+    # generous, yet far below what a missed disconnect costs (the 120 s idle timeout)
+    assert closed_at - gone_at < 30, "the upstream stream should be closed promptly"
     reply = wait_for_reply(tmp_path / "data", start["conversation_id"], start["message_id"], "disconnected")
     assert reply["status"] == "incomplete"
     assert reply["content"].startswith("word word word")
@@ -219,9 +220,12 @@ def test_client_disconnect_during_a_non_streaming_turn_closes_upstream(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_during_live_streams_ends_them_at_once_saved_as_incomplete(
-    service: Service, upstream: FakeUpstream, tmp_path: Path, sig: int
+    upstream: FakeUpstream, tmp_path: Path, sig: int
 ) -> None:
-    upstream.script(*(Reply(text="tick " * 1000, chunk_delay=0.01) for _ in range(3)))
+    # a graceful-shutdown timeout and streams far longer than the bound below: only ending the
+    # streams at once passes, however busy the machine
+    service = start_service(upstream, tmp_path / "data", tmp_path / "service.log", CHAT_SHUTDOWN_TIMEOUT="60")
+    upstream.script(*(Reply(text="tick " * 1000, chunk_delay=0.06) for _ in range(3)))
     responses = []
     readers = []  # kept alive: a collected line iterator would close its connection
     starts = []
@@ -235,13 +239,16 @@ def test_shutdown_during_live_streams_ends_them_at_once_saved_as_incomplete(
         starts.append(json.loads(next(line for line in lines if line.startswith("data: "))[6:]))
         next(line for line in lines if line == "event: delta")
     try:
-        took = service.stop(sig)
+        took = service.stop(sig, timeout=60)
         endings = [parse_events("\n".join(lines) + "\n\n")[-1] for lines in readers]
     finally:
         for response in responses:
             with contextlib.suppress(httpx2.HTTPError):
                 response.__exit__(None, None, None)
-    assert took < 2.0, "streams should end at once, not wait for the graceful-shutdown timeout"
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
+    assert took < 30, "streams should end at once, not wait for the graceful-shutdown timeout"
     for (name, data), start in zip(endings, starts, strict=True):
         assert name == "error"
         assert data["error"]["type"] == "server_shutdown"

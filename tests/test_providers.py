@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from email.utils import formatdate
@@ -275,7 +276,7 @@ def test_rate_limit_is_not_retried_and_passes_retry_after(kind: str, upstream: F
     started = time.monotonic()
     with pytest.raises(ProviderRateLimited) as raised:
         run(collect(make(kind, upstream), request()))
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10  # no wait for the 12 s Retry-After
     assert raised.value.retry_after == "12"
     assert len(upstream.requests) == 1
 
@@ -355,7 +356,7 @@ def test_an_unconfigured_provider_says_what_to_set(upstream: FakeUpstream) -> No
 
 @BOTH
 def test_closing_the_stream_early_closes_the_upstream_connection(kind: str, upstream: FakeUpstream) -> None:
-    upstream.script(Reply(text="x " * 200, chunk_delay=0.02))
+    upstream.script(Reply(text="x " * 2000, chunk_delay=0.02))  # 40 s if read to the end
     provider = make(kind, upstream)
 
     async def read_two() -> float:
@@ -372,9 +373,9 @@ def test_closing_the_stream_early_closes_the_upstream_connection(kind: str, upst
         return closed_at
 
     closed_at = run(read_two())
-    upstream_closed = upstream.wait_closed(0, timeout=5)
+    upstream_closed = upstream.wait_closed(0, timeout=30)
     assert upstream_closed is not None
-    assert upstream_closed - closed_at < 1.0
+    assert upstream_closed - closed_at < 20
 
 
 # --- the event-stream parser and the dispatch table ---------------------------------------------
@@ -442,3 +443,121 @@ def test_models_fall_back_when_the_upstream_fails(upstream: FakeUpstream) -> Non
         assert run(once()) == (["gpt-4o-mini"], "fallback")
     finally:
         upstream.models_status = 200
+
+
+# --- local servers, cut streams, account headers, our own bugs ------------------------------------
+
+
+@pytest.mark.parametrize("path", ["", "/"])
+def test_an_openai_compatible_url_without_a_path_means_v1(path: str, upstream: FakeUpstream) -> None:
+    provider = OpenAICompatible("ollama", upstream.base_url + path, timeouts=FAST)
+    assert provider.base_url == upstream.base_url + "/v1"
+    text, _ = run(collect(provider, request(text="hi")))
+    assert text == "You said: hi"
+    assert upstream.requests[-1].path == "/v1/chat/completions"
+
+
+def test_a_stream_cut_before_the_first_token_asks_again_and_says_why(upstream: FakeUpstream) -> None:
+    # llama-cpp-python cuts the stream of a history longer than its window without a word
+    too_long = "Requested tokens (5000) exceed context window of 4096"
+    upstream.script(
+        Reply(mode="drop_before_first"),
+        Reply(status=400, error_code="context_length_exceeded", error_message=too_long),
+    )
+    with pytest.raises(ProviderRejected) as raised:
+        run(collect(OpenAICompatible("llama", upstream.openai_base_url, timeouts=FAST), request()))
+    assert too_long in raised.value.detail
+    assert "try again" not in raised.value.detail
+    assert [r.body.get("stream") for r in upstream.requests] == [True, False]
+
+
+@BOTH
+def test_a_cut_stream_answered_without_streaming_is_the_reply(kind: str, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(mode="drop_before_first"), Reply(text="the whole reply", usage=(3, 3)))
+    text, finish = run(collect(make(kind, upstream), request()))
+    assert text == "the whole reply"
+    assert (finish.input_tokens, finish.output_tokens) == (3, 3)
+    assert upstream.requests[1].body.get("stream") is not True
+
+
+def test_an_error_event_in_the_stream_says_what_it_says(upstream: FakeUpstream) -> None:
+    said = "This model's maximum context length is 4096 tokens"
+    upstream.script(
+        Reply(mode="midstream_error", text="a b c d", error_type="invalid_request_error", error_message=said)
+    )
+    with pytest.raises(ProviderRejected) as raised:
+        run(collect(openai_provider(upstream), request()))
+    assert said in raised.value.detail
+    assert "try again" not in raised.value.detail
+
+
+def test_openai_insufficient_quota_is_a_spend_limit(upstream: FakeUpstream) -> None:
+    upstream.script(
+        Reply(
+            status=429,
+            error_type="insufficient_quota",
+            error_code="insufficient_quota",
+            error_message="You exceeded your current quota, please check your plan and billing details.",
+        )
+    )
+    with pytest.raises(ProviderSpendLimit) as raised:
+        run(collect(openai_provider(upstream), request()))
+    assert "exceeded your current quota" in raised.value.detail
+    assert len(upstream.requests) == 1
+
+
+def test_openai_account_ids_go_to_openai_only(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-test-123")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-test-456")
+    run(collect(openai_provider(upstream, sends_account_ids=True), request()))
+    sent = upstream.requests[-1].headers
+    assert (sent["openai-organization"], sent["openai-project"]) == ("org-test-123", "proj-test-456")
+    for name in ("ollama", "lmstudio"):
+        run(collect(OpenAICompatible(name, upstream.openai_base_url, timeouts=FAST), request()))
+        sent = upstream.requests[-1].headers
+        assert "openai-organization" not in sent and "openai-project" not in sent
+
+
+def test_a_bug_of_ours_is_not_reported_as_the_providers_fault(upstream: FakeUpstream) -> None:
+    class Buggy(OpenAICompatible):
+        async def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:
+            async for _, data in events:
+                yield {"a": data.decode()}["missing"]  # a KeyError in our own code
+
+    with pytest.raises(KeyError):
+        run(collect(Buggy("buggy", upstream.openai_base_url, timeouts=FAST), request()))
+
+
+def test_a_malformed_event_is_the_providers_fault(upstream: FakeUpstream) -> None:
+    upstream.script(Reply(mode="malformed"), Reply(mode="malformed"))
+    with pytest.raises(ProviderMalformed):
+        run(collect(anthropic_provider(upstream), request()))
+
+
+def test_sdk_clients_are_built_off_the_event_loop(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anthropic
+    import openai
+
+    built_in: list[threading.Thread] = []
+    for module, name in ((openai, "AsyncOpenAI"), (anthropic, "AsyncAnthropic")):
+        real = getattr(module, name)
+
+        def spy(*args: Any, real: Any = real, **kwargs: Any) -> Any:
+            built_in.append(threading.current_thread())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+    async def build_both() -> threading.Thread:
+        for provider in (openai_provider(upstream), anthropic_provider(upstream)):
+            await provider.client()
+            await provider.aclose()
+        return threading.current_thread()
+
+    loop_thread = run(build_both())
+    assert len(built_in) == 2
+    assert loop_thread not in built_in

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import storage
 from search_index import SearchIndex
@@ -259,6 +261,37 @@ def test_two_processes_appending_lose_nothing(data_dir: Path) -> None:
     assert len(set(texts)) == len(texts)
 
 
+def test_a_replacement_that_looks_the_same_is_never_lost_to_the_cache(data_dir: Path) -> None:
+    """Another writer's file with the same size and mtime, on the very inode ext4 just freed (it
+    reuses one at once): the copy this process keeps must not be taken for the file."""
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "hi", "hello"))  # kept: the next change skips a read
+    path = store.conversations / f"{conversation_id}.json"
+    mine = os.stat(path)
+    theirs = path.read_bytes().replace(b'"hello"', b'"HELLO"')  # as another process would write it
+    for attempt in range(8):  # each replacement frees an inode for the next temp file
+        tmp = path.with_name(f"other-{attempt}.tmp")
+        tmp.write_bytes(theirs)
+        os.utime(tmp, ns=(mine.st_atime_ns, mine.st_mtime_ns))
+        os.replace(tmp, path)
+        if os.stat(path).st_ino == mine.st_ino:
+            break
+    asyncio.run(store.update(conversation_id, {"title": "renamed"}))
+    saved = json.loads(path.read_text())
+    assert [m["content"] for m in saved["messages"]] == ["hi", "HELLO"]
+    assert saved["title"] == "renamed"
+
+
+def test_the_cache_holds_no_file_open_once_closed(data_dir: Path) -> None:
+    store = opened(data_dir)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        asyncio.run(turn(store, new(), "hi", "hello"))
+    assert len(os.listdir("/proc/self/fd")) == before + 3
+    store.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_corrupt_file_is_reported_skipped_and_left_untouched(data_dir: Path) -> None:
     store = opened(data_dir)
     good = asyncio.run(turn(store, new(), "fine", "ok"))
@@ -285,6 +318,16 @@ def test_a_corrupt_file_is_reported_skipped_and_left_untouched(data_dir: Path) -
         lambda doc: doc["messages"].append("hello"),
         lambda doc: doc.update(schema_version=0, messages=["hello"]),  # a failing migration
         lambda doc: doc.update(id="0" * 32),
+        lambda doc: doc.pop("messages"),  # made every listing a 500 (a KeyError escaped the rescan)
+        lambda doc: doc.update(schema_version=True),
+        lambda doc: doc.update(schema_version=-1),
+        lambda doc: doc.update(current_id=7),
+        lambda doc: doc["params"].update(temperature="hot"),
+        lambda doc: doc["messages"][0].update(role="system"),
+        lambda doc: doc["messages"][1].update(status="done"),
+        lambda doc: doc["messages"][1].update(usage={"input_tokens": "many", "output_tokens": 1}),
+        lambda doc: doc["messages"][1].update(error={"type": "x"}),
+        lambda doc: doc["messages"].__setitem__(0, {}),
     ],
 )
 def test_a_file_of_the_wrong_shape_is_unreadable_not_a_crash(data_dir: Path, damage: Any) -> None:
@@ -319,6 +362,58 @@ def test_a_file_from_a_newer_version_is_refused_not_overwritten(data_dir: Path) 
     assert path.read_bytes() == before
 
 
+def test_a_file_of_the_wrong_shape_names_what_is_wrong(data_dir: Path) -> None:
+    store = opened(data_dir)
+    bad = asyncio.run(turn(store, new(), "soon broken", "ok"))
+    path = store.conversations / f"{bad}.json"
+    doc = json.loads(path.read_text())
+    doc["messages"][1]["role"] = "robot"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConversationUnreadable, match=r"messages\.1\.role: Input should be 'user' or"):
+        asyncio.run(store.get(bad))
+
+
+def test_a_version_1_file_is_read_and_written_back_as_version_2(data_dir: Path) -> None:
+    store = opened(data_dir)
+    conversation_id = asyncio.run(turn(store, new(), "hi", "ok"))
+    path = store.conversations / f"{conversation_id}.json"
+    doc = json.loads(path.read_text())
+    doc["schema_version"] = 1
+    path.write_text(json.dumps(doc))
+    assert asyncio.run(opened(data_dir).get(conversation_id)) == {**doc, "schema_version": 2}
+    asyncio.run(opened(data_dir).update(conversation_id, {"title": "now 2"}))
+    assert json.loads(path.read_text())["schema_version"] == storage.SCHEMA_VERSION == 2
+
+
+def test_a_migrated_file_reads_the_same_every_time(data_dir: Path) -> None:
+    conversation_id = storage.new_id()
+    legacy = {
+        "id": conversation_id,
+        "created_at": "2026-01-01T00:00:00.000000Z",
+        "updated_at": "2026-01-01T00:00:00.000000Z",
+        "model": "openai/gpt-4o-mini",
+        "messages": [
+            {"role": "user", "content": "same"},
+            {"role": "assistant", "content": "same"},
+            {"role": "user", "content": "same"},
+        ],
+    }
+    data = json.dumps(legacy).encode()
+    first = storage.parse_conversation(data, conversation_id)
+    second = storage.parse_conversation(data, conversation_id)
+    assert first == second
+    ids = [m["id"] for m in first["messages"]]
+    assert len(set(ids)) == 3 and all(storage.is_valid_id(i) for i in ids)
+    assert first["current_id"] == ids[2]
+    other = storage.new_id()  # the same messages in another conversation get other ids
+    assert (
+        storage.parse_conversation(data.replace(conversation_id.encode(), other.encode()), other)["messages"][
+            0
+        ]["id"]
+        not in ids
+    )
+
+
 def test_an_older_file_is_migrated_when_read(data_dir: Path) -> None:
     store = opened(data_dir)
     conversation_id = storage.new_id()
@@ -351,3 +446,50 @@ def test_cursor_round_trip_and_garbage() -> None:
     for garbage in ("", "!!", "Zm9v", "x" * 100):
         with pytest.raises(storage.InvalidCursor):
             storage.decode_cursor(garbage)
+
+
+# --- what a read-modify-write keeps --------------------------------------------------------------
+
+# Keys this version does not know: a newer version's optional fields, or a user's own notes.
+KNOWN_KEYS = storage.Conversation.__annotations__.keys() | storage.Message.__annotations__.keys()
+NAME = st.characters(categories=["Ll", "Lu", "Nd"], include_characters="_")
+UNKNOWN_KEY = st.text(NAME, min_size=1).filter(lambda k: k not in KNOWN_KEYS)
+UNKNOWN_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+EXTRAS = st.dictionaries(UNKNOWN_KEY, UNKNOWN_VALUE, max_size=3)
+
+
+@given(top=EXTRAS, on_user=EXTRAS, on_reply=EXTRAS, change=st.sampled_from(["title", "turn", "finish"]))
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+def test_a_read_modify_write_keeps_every_key(
+    tmp_path_factory: pytest.TempPathFactory,
+    top: dict[str, Any],
+    on_user: dict[str, Any],
+    on_reply: dict[str, Any],
+    change: str,
+) -> None:
+    store = opened(tmp_path_factory.mktemp("data"))
+    conversation_id = asyncio.run(turn(store, new(), "hi", "hello"))
+    path = store.conversations / f"{conversation_id}.json"
+    doc = json.loads(path.read_text())
+    doc.update(top)
+    doc["messages"][0].update(on_user)
+    doc["messages"][1].update(on_reply)
+    path.write_text(json.dumps(doc))
+    fresh = opened(store.data_dir)  # nothing cached: the file is read
+    if change == "title":
+        asyncio.run(fresh.update(conversation_id, {"title": "renamed"}))
+    elif change == "turn":
+        asyncio.run(turn(fresh, conversation_id, "again", "sure"))
+    else:
+        reply: Message = doc["messages"][1]
+        reply["content"] = "rewritten"
+        asyncio.run(fresh.finish_reply(conversation_id, reply))
+    saved = json.loads(path.read_text())
+    assert saved.items() >= top.items()
+    assert saved["messages"][0].items() >= on_user.items()
+    assert saved["messages"][1].items() >= on_reply.items()
+    assert asyncio.run(fresh.get(conversation_id)) == saved  # and the API reads what is on disk
