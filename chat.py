@@ -190,40 +190,47 @@ async def begin_turn(
     written. A `client_message_id` already in the conversation answers that earlier turn.
     """
     generations.admit(client)
-    if conversation_id is None:
-        resolve(table, options.model or default_model)  # refuse before a new file exists
-    chosen: list[tuple[Provider, ChatRequest]] = []
+    try:
+        if conversation_id is None:
+            resolve(table, options.model or default_model)  # refuse before a new file exists
+        chosen: list[tuple[Provider, ChatRequest]] = []
 
-    def make_reply(conversation: Conversation, parent_id: str | None, user_text: str) -> Message:
-        reply, provider, request = build_request(conversation, table, options, parent_id, user_text)
-        generations.check_budget(provider.name)  # inside the write: a refusal saves nothing
-        chosen.append((provider, request))
-        return reply
+        def make_reply(conversation: Conversation, parent_id: str | None, user_text: str) -> Message:
+            reply, provider, request = build_request(conversation, table, options, parent_id, user_text)
+            generations.check_budget(provider.name)  # inside the write: a refusal saves nothing
+            chosen.append((provider, request))
+            return reply
 
-    for attempt in (1, 2):
-        try:
-            record = await save_turn(
-                store,
-                action,
-                conversation_id,
-                message_id,
-                text,
-                options,
-                default_model,
-                client_message_id,
-                make_reply,
+        for attempt in (1, 2):
+            try:
+                record = await save_turn(
+                    store,
+                    action,
+                    conversation_id,
+                    message_id,
+                    text,
+                    options,
+                    default_model,
+                    client_message_id,
+                    make_reply,
+                )
+                break
+            except NeedWindow as need:  # look the window up (once per model), then build again
+                if attempt == 2:
+                    raise
+                await need.provider.context_window(need.model)
+        if record.repeated:
+            running = generations.get(record.reply["id"])
+            return Turn(
+                record.conversation_id, record.user_message, record.reply, running, record.sibling_ids
             )
-            break
-        except NeedWindow as need:  # look the window up (once per model), then build again
-            if attempt == 2:
-                raise
-            await need.provider.context_window(need.model)
-    if record.repeated:
-        running = generations.get(record.reply["id"])
-        return Turn(record.conversation_id, record.user_message, record.reply, running, record.sibling_ids)
-    provider, request = chosen[-1]
-    generation = generations.start(Generation(store, record.conversation_id, record.reply, provider, request))
-    return Turn(record.conversation_id, record.user_message, record.reply, generation, record.sibling_ids)
+        provider, request = chosen[-1]
+        generation = generations.start(
+            Generation(store, record.conversation_id, record.reply, provider, request)
+        )
+        return Turn(record.conversation_id, record.user_message, record.reply, generation, record.sibling_ids)
+    finally:
+        generations.release()  # started (now counted as running) or refused
 
 
 async def save_turn(

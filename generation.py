@@ -168,7 +168,10 @@ class Generation:
 
     async def _save_final(self) -> None:
         final = self.snapshot()
-        await self._account(final)
+        try:
+            await self._account(final)
+        except Exception:  # the reply is the user's: counting it must never stop its save
+            log.exception("could not count reply %s in the usage ledger", self.id)
         try:
             await self.save(final, final=True)
         except StorageError as exc:
@@ -230,14 +233,21 @@ class Generations:
     usage: Usage | None = None
     running: dict[str, Generation] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    admitted: int = 0  # turns between `admit` and `release`: counted against the concurrency limit
 
     def admit(self, client: str) -> None:
         """Before anything of a new turn is written: may a generation start for `client` (the token
-        or the peer address)? Refuses during shutdown, and over the rate and concurrency limits."""
+        or the peer address)? Refuses during shutdown, and over the rate and concurrency limits.
+        An admitted turn holds its place until `release`, so a burst cannot slip past the limit."""
         if self.stopping.is_set():
             raise ServerShuttingDown("the server is shutting down; send the message again shortly")
         if self.usage is not None:
-            self.usage.admit(client, running=len(self.running))
+            self.usage.admit(client, running=len(self.running) + self.admitted)
+        self.admitted += 1
+
+    def release(self) -> None:
+        """The admitted turn has started its generation (now in `running`) or was refused."""
+        self.admitted -= 1
 
     def check_budget(self, provider: str) -> None:
         """Refuse a turn for `provider` whose budget is spent. Blocking: called in the storage write

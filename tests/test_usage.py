@@ -270,3 +270,17 @@ def test_bad_limit_settings_name_the_variable(upstream: FakeUpstream, data_dir: 
     assert (
         main.Settings(_env_file=None, CHAT_RATE_LIMIT="10/second;500/day").rate_limit == "10/second;500/day"
     )
+
+
+def test_a_burst_cannot_slip_past_the_concurrency_limit(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = make_client(CHAT_MAX_CONCURRENT_GENERATIONS=1)
+    upstream.script(*[Reply(text="slow reply here", chunks=3, mode="stall_mid")] * 6)
+    with ThreadPoolExecutor(6) as pool:  # six turns at once, each still being saved when the others arrive
+        statuses = list(
+            pool.map(lambda i: client.post("/api/chat", json={"message": f"m{i}"}).status_code, range(6))
+        )
+    assert statuses.count(429) == 5, statuses  # the one admitted ends with the idle timeout (504)
