@@ -202,13 +202,14 @@ def from_epoch(value: Any) -> str | None:
 
 
 def from_iso(value: Any) -> str | None:
+    """An ISO timestamp in our format; None for anything else, or a moment outside years 1-9999 in UTC."""
     if not isinstance(value, str):
         return None
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        return stamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    except (ValueError, OverflowError):
         return None
-    return stamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 def obj(value: Any) -> dict[str, Any]:

@@ -372,3 +372,12 @@ def test_children_of_dropped_nodes_hang_from_the_nearest_kept_one() -> None:
     ]
     assert current == f"{1:032x}"  # the current node was dropped: its nearest kept ancestor
     assert drops == {"tool": 1, "unreachable": 2}
+
+
+def test_a_date_outside_what_python_holds_falls_back_instead_of_failing(client: TestClient) -> None:
+    claude = exports.claude_simple(1)
+    claude["created_at"] = "0001-01-01T00:00:00+14:00"  # before the year 1 once in UTC
+    claude["chat_messages"][0]["created_at"] = "9999-12-31T23:59:59-14:00"  # after 9999 in UTC
+    response = upload(client, dumps([claude]))
+    assert response.status_code == 200, response.text
+    assert [item["source_id"] for item in response.json()["imported"]] == [claude["uuid"]]
