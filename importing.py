@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 import zipfile
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -680,6 +681,10 @@ def members_of(path: Path, name: str, limit: int, stack: contextlib.ExitStack) -
             f"found a file that starts like a zip but is not a readable one ({first_line(exc)})"
         ) from None
     entries = [info for info in archive.infolist() if not info.is_dir()]
+    if any(info.flag_bits & 0x1 for info in entries):  # zipfile would need the password
+        raise UnknownFormat(
+            "found an encrypted (password-protected) zip; unpack it and import conversations.json"
+        )
     unpacked = sum(info.file_size for info in entries)
     if unpacked > limit:
         raise ExportTooLarge(
@@ -715,10 +720,25 @@ def read_export(
         )
     if ours:
         yield Section(f"{what} with {len(ours)} conversation files of this service")
-        for member in ours:
+    for member in [*ours, *shards]:
+        yield from read_member(member, fallback_model)
+
+
+# What reading a zip entry raises when its bytes are damaged (CRC, deflate stream, truncation) or
+# packed in a way zipfile cannot unpack.
+DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+def read_member(member: Member, fallback_model: str) -> Iterator[Found]:
+    """One file of a zip or folder; one that cannot be unpacked is reported, and the others still land."""
+    try:
+        if OURS_RE.search(member.name):
             yield read_ours(member)
-    for member in shards:
-        yield from read_json(member, fallback_model, alone=False)
+        else:
+            yield from read_json(member, fallback_model, alone=False)
+    except DAMAGED as exc:
+        problem = f"{member.name} is damaged and could not be unpacked ({first_line(exc)})"
+        yield Skipped(None, member.name, problem)
 
 
 def shard_order(name: str) -> tuple[int, str]:

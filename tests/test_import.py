@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -381,3 +382,25 @@ def test_a_date_outside_what_python_holds_falls_back_instead_of_failing(client: 
     response = upload(client, dumps([claude]))
     assert response.status_code == 200, response.text
     assert [item["source_id"] for item in response.json()["imported"]] == [claude["uuid"]]
+
+
+def test_a_damaged_zip_entry_is_reported_not_a_server_error(client: TestClient) -> None:
+    docs = [exports.chatgpt_simple(i) for i in range(40)]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:  # stored: the damage below keeps valid JSON
+        archive.writestr("conversations.json", dumps(docs))
+    damaged = buffer.getvalue().replace(b"Question 1 of conversation 39", b"question 1 of conversation 39")
+    response = upload(client, damaged, "export.zip")  # its CRC-32 no longer matches
+    assert response.status_code in (200, 400), response.text
+    reasons = [item["reason"] for item in response.json()["skipped"]]
+    assert any(reason.startswith("conversations.json is damaged") for reason in reasons), reasons
+
+
+def test_an_encrypted_zip_is_refused_saying_so(client: TestClient) -> None:
+    archive = bytearray(zipped({"conversations.json": dumps([exports.chatgpt_simple(1)])}))
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local and central headers
+        archive[archive.index(signature) + flags_at] |= 0x1  # what a password-protected zip sets
+    response = upload(client, bytes(archive), "export.zip")
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "unknown_import_format"
+    assert "encrypted" in response.json()["detail"]
