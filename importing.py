@@ -661,10 +661,11 @@ class Member:
 
     name: str
     open: Callable[[], IO[bytes]]
+    unpacked: int = 0  # a zip entry's size once unpacked, as its central directory declares
 
 
-def members_of(path: Path, name: str, limit: int, stack: contextlib.ExitStack) -> tuple[str, list[Member]]:
-    """What the path is (for messages) and its files. A zip unpacking past `limit` is refused."""
+def members_of(path: Path, name: str, stack: contextlib.ExitStack) -> tuple[str, list[Member]]:
+    """What the path is (for messages) and its files."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return f"a folder of {len(files)} files", [
@@ -685,17 +686,11 @@ def members_of(path: Path, name: str, limit: int, stack: contextlib.ExitStack) -
         raise UnknownFormat(
             "found an encrypted (password-protected) zip; unpack it and import conversations.json"
         )
-    unpacked = sum(info.file_size for info in entries)
-    if unpacked > limit:
-        raise ExportTooLarge(
-            f"the zip unpacks to {unpacked} bytes; the limit is {limit} bytes (CHAT_MAX_IMPORT_BYTES)"
-        )
-    # zipfile never reads an entry past its declared size, so the sum above bounds what is unpacked
     return f"a zip of {len(entries)} files", [zip_member(archive, info) for info in entries]
 
 
 def zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
-    return Member(info.filename, lambda: archive.open(info))
+    return Member(info.filename, lambda: archive.open(info), info.file_size)
 
 
 def file_member(path: Path, name: str) -> Member:
@@ -706,7 +701,7 @@ def read_export(
     path: Path, limit: int, fallback_model: str, stack: contextlib.ExitStack, name: str | None = None
 ) -> Iterator[Found]:
     """Every conversation of the export, converted or skipped; refuses what is no export we know."""
-    what, members = members_of(path, name or path.name, limit, stack)
+    what, members = members_of(path, name or path.name, stack)
     if len(members) == 1 and what == "a file":
         yield from read_json(members[0], fallback_model, alone=True)
         return
@@ -718,6 +713,7 @@ def read_export(
             f"found {what} ({names or 'empty'}) without conversations.json, conversations-000.json ... "
             f"or conversations/<id>.json; import a ChatGPT or Claude.ai export, or one made by this service"
         )
+    check_unpacked([*ours, *shards], limit)
     if ours:
         yield Section(f"{what} with {len(ours)} conversation files of this service")
     for member in [*ours, *shards]:
@@ -739,6 +735,19 @@ def read_member(member: Member, fallback_model: str) -> Iterator[Found]:
     except DAMAGED as exc:
         problem = f"{member.name} is damaged and could not be unpacked ({first_line(exc)})"
         yield Skipped(None, member.name, problem)
+
+
+def check_unpacked(members: list[Member], limit: int) -> None:
+    """Refuse a zip whose conversation files unpack past `limit` (images and the rest are never read).
+
+    zipfile never reads an entry past its declared size, so the declared sum bounds what is unpacked.
+    """
+    unpacked = sum(member.unpacked for member in members)
+    if unpacked > limit:
+        raise ExportTooLarge(
+            f"the conversation files in the zip unpack to {unpacked} bytes; the limit is {limit} bytes "
+            "(CHAT_MAX_IMPORT_BYTES)"
+        )
 
 
 def shard_order(name: str) -> tuple[int, str]:

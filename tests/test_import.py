@@ -248,7 +248,8 @@ def test_a_zip_bomb_is_refused_before_it_is_unpacked(
     response = upload(client, bomb, "export.zip")
     assert response.status_code == 413, response.text
     assert response.json() == {
-        "detail": "the zip unpacks to 50000002 bytes; the limit is 1000000 bytes (CHAT_MAX_IMPORT_BYTES)",
+        "detail": "the conversation files in the zip unpack to 50000002 bytes; the limit is 1000000 "
+        "bytes (CHAT_MAX_IMPORT_BYTES)",
         "type": "import_too_large",
     }
     assert not list(data_dir.glob(".import-*"))  # the upload is gone too
@@ -404,3 +405,14 @@ def test_an_encrypted_zip_is_refused_saying_so(client: TestClient) -> None:
     assert response.status_code == 400, response.text
     assert response.json()["type"] == "unknown_import_format"
     assert "encrypted" in response.json()["detail"]
+
+
+def test_the_unpacked_limit_counts_only_what_is_read(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(CHAT_MAX_IMPORT_BYTES=1_000_000)
+    export = {
+        "conversations.json": dumps([exports.chatgpt_simple(1)]),
+        "file-AbC123-photo.png": b"\x89PNG" + bytes(5_000_000),  # an attachment: never unpacked
+    }
+    response = upload(client, zipped(export), "export.zip")
+    assert response.status_code == 200, response.text
+    assert len(response.json()["imported"]) == 1
