@@ -228,15 +228,15 @@ class Ledger:
 
 def aggregate(
     buckets: Mapping[Bucket, Totals], start: date | None, end: date | None, group_by: GroupBy
-) -> list[dict[str, Any]]:
-    """Totals per day, model or provider over [start, end] (inclusive UTC days)."""
+) -> dict[str, Totals]:
+    """Totals per day, model or provider over [start, end] (inclusive UTC days), in key order."""
     groups: defaultdict[str, Totals] = defaultdict(Totals)
     for (day, provider, model), totals in buckets.items():
         if (start and day < start.isoformat()) or (end and day > end.isoformat()):
             continue
         key = {"day": day, "provider": provider, "model": f"{provider}/{model}"}[group_by]
         groups[key].add(totals)
-    return [{group_by: key, **groups[key].out()} for key in sorted(groups)]
+    return {key: groups[key] for key in sorted(groups)}
 
 
 # --- limits -------------------------------------------------------------------------------------
@@ -408,22 +408,14 @@ async def usage_totals(
     buckets = await anyio.to_thread.run_sync(usage.ledger.totals)
     groups = aggregate(buckets, from_, to, group_by)
     total = Totals()
-    for group in groups:
-        total.add(
-            Totals(
-                group["requests"],
-                group["input_tokens"],
-                group["output_tokens"],
-                group["cost"],
-                group["unpriced_requests"],
-            )
-        )
+    for totals in groups.values():
+        total.add(totals)  # summed before rounding, so the total is no sum of rounded groups
     return JSON(
         {
             "from": from_.isoformat() if from_ else None,
             "to": to.isoformat() if to else None,
             "group_by": group_by,
-            "groups": groups,
+            "groups": [{group_by: key, **totals.out()} for key, totals in groups.items()],
             "total": total.out(),
         }
     )

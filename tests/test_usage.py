@@ -270,3 +270,15 @@ def test_bad_limit_settings_name_the_variable(upstream: FakeUpstream, data_dir: 
     assert (
         main.Settings(_env_file=None, CHAT_RATE_LIMIT="10/second;500/day").rate_limit == "10/second;500/day"
     )
+
+
+def test_the_total_is_summed_before_rounding(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream
+) -> None:
+    client = make_client(CHAT_PRICES={"openai/*": {"input": 0.4, "output": 0}})  # $0.0000004 a token
+    upstream.script(*[Reply(usage=(1, 0))] * 3)
+    for model in ("openai/fake-gpt-1", "openai/fake-gpt-2", "openai/fake-gpt-3"):
+        chat(client, model=model)
+    by_model = client.get("/api/usage", params={"group_by": "model"}).json()
+    assert [group["cost"] for group in by_model["groups"]] == [0.0, 0.0, 0.0]  # each under a millionth
+    assert by_model["total"]["cost"] == 0.000001  # 0.0000012, rounded once
