@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +282,39 @@ def test_the_total_is_summed_before_rounding(
     by_model = client.get("/api/usage", params={"group_by": "model"}).json()
     assert [group["cost"] for group in by_model["groups"]] == [0.0, 0.0, 0.0]  # each under a millionth
     assert by_model["total"]["cost"] == 0.000001  # 0.0000012, rounded once
+
+
+def test_budget_periods_start_and_reset_on_utc_calendar_boundaries(tmp_path: Path) -> None:
+    assert usage.period_bounds("day", datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == (
+        "2026-12-31",
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert usage.period_bounds("month", datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == (
+        "2026-12-01",
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert usage.period_bounds("month", datetime(2028, 2, 29, tzinfo=UTC)) == (
+        "2028-02-01",
+        datetime(2028, 3, 1, tzinfo=UTC),
+    )
+    today = datetime.now(UTC).date()
+    last_month = today.replace(day=1) - timedelta(days=1)  # spent before both periods began
+    spent = usage.Usage(
+        tmp_path,
+        prices={},
+        rate_limit=None,
+        max_concurrent=None,
+        budgets={"openai": {"day": 1.0, "month": 1.5}},
+    )
+    spent.ledger.append(
+        usage.Entry("openai", "m", 1, 1, False, 100.0, None, time=f"{last_month}T23:59:59.999Z")
+    )
+    spent.ledger.append(usage.Entry("openai", "m", 1, 1, False, 0.999, None, time=f"{today}T00:00:00.000Z"))
+    spent.check_budget("openai")  # under both budgets: last month's spend does not count
+    spent.ledger.append(usage.Entry("openai", "m", 1, 1, True, 0.001, None, time=f"{today}T00:00:01.000Z"))
+    with pytest.raises(usage.LimitReached) as caught:
+        spent.check_budget("openai")  # at the budget is over it
+    assert caught.value.extra["period"] == "day"
+    assert caught.value.extra["spent"] == pytest.approx(1.0)
+    assert caught.value.extra["resets_at"] == f"{today + timedelta(days=1)}T00:00:00Z"
+    spent.check_budget("anthropic")  # another provider's budget is its own
