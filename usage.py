@@ -281,6 +281,14 @@ class Usage:
         self.ledger = Ledger(data_dir)
         self.prices = Prices(prices)
         self.budgets = budgets
+        for provider in budgets:
+            if provider not in PRICED_PROVIDERS and not any(k.startswith(f"{provider}/") for k in prices):
+                log.warning(
+                    "CHAT_BUDGETS has a budget for %s, but no price is known for its models, so its spend "
+                    'stays 0 and the budget never trips; give one in CHAT_PRICES, e.g. {"%s/*": 0.5}',
+                    provider,
+                    provider,
+                )
         self.max_concurrent = max_concurrent
         self._rate: Any = None
         self._rate_items: list[Any] = []

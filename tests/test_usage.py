@@ -318,3 +318,12 @@ def test_budget_periods_start_and_reset_on_utc_calendar_boundaries(tmp_path: Pat
     assert caught.value.extra["spent"] == pytest.approx(1.0)
     assert caught.value.extra["resets_at"] == f"{today + timedelta(days=1)}T00:00:00Z"
     spent.check_budget("anthropic")  # another provider's budget is its own
+
+
+def test_a_budget_that_can_never_trip_is_said_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    budgets: usage.Budgets = {"ollama": {"day": 1}, "gpu": {"day": 1}, "openai": {"day": 1}}
+    usage.Usage(tmp_path, prices={"gpu/*": 0.5}, rate_limit=None, max_concurrent=None, budgets=budgets)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "budget for ollama" in warnings[0] and "CHAT_PRICES" in warnings[0]
