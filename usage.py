@@ -158,9 +158,9 @@ class Ledger:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "usage.jsonl"
-        self._lock = FileLock(
-            data_dir / "usage.jsonl.lock", mode=0o600, thread_local=False, preserve_lock_file=True
-        )
+        # Thread-local (filelock's default): with thread_local=False a second thread's acquire is
+        # taken as re-entry and does not wait, so two generations' appends would not exclude each other.
+        self._lock = FileLock(data_dir / "usage.jsonl.lock", mode=0o600, preserve_lock_file=True)
         self._buckets: defaultdict[Bucket, Totals] = defaultdict(Totals)
         self._offset = 0
         self._identity: tuple[int, int] | None = None  # (device, inode): a replaced file is read anew

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -327,3 +328,15 @@ def test_a_budget_that_can_never_trip_is_said_at_start(
     usage.Usage(tmp_path, prices={"gpu/*": 0.5}, rate_limit=None, max_concurrent=None, budgets=budgets)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "budget for ollama" in warnings[0] and "CHAT_PRICES" in warnings[0]
+
+
+def test_ledger_appends_exclude_each_other_within_one_process_too(tmp_path: Path) -> None:
+    book = usage.Ledger(tmp_path)
+    entry = usage.Entry("openai", "m", 1, 2, False, 0.5, None)
+    with book._lock:  # an append in progress in this process, as another worker thread would hold it
+        other = threading.Thread(target=book.append, args=(entry,))
+        other.start()
+        other.join(timeout=0.5)
+        assert other.is_alive(), "an append ran while another held the ledger's lock"
+    other.join()
+    assert len(book.path.read_bytes().splitlines()) == 1
