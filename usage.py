@@ -87,7 +87,9 @@ class Prices:
                 model_ref=model,
                 provider_id=vendor,
             )
-        except LookupError:
+        except (LookupError, ValueError) as exc:  # unknown model; usage the table refuses (negative)
+            if not isinstance(exc, LookupError):
+                log.warning("no cost for %s/%s: %s", provider, model, exc)
             return None
         total: Decimal = calculation.total_price
         return float(total)
@@ -437,9 +439,14 @@ def counted_tokens(
     `reported` is None when the generation ended early (stop, error, disconnect, shutdown): the
     provider may have billed it all the same, so it is estimated rather than left out.
     """
-    given_in, given_out = reported if reported is not None else (None, None)
+    given_in, given_out = (counted(n) for n in reported) if reported is not None else (None, None)
     if given_in is not None and given_out is not None:
         return given_in, given_out, False
     input_tokens = given_in if given_in is not None else estimate_messages(prompt)
     output_tokens = given_out if given_out is not None else estimate_tokens(reply)
     return input_tokens, output_tokens, True
+
+
+def counted(tokens: int | None) -> int | None:
+    """A token count as reported, or None for one no provider could mean (a negative number)."""
+    return tokens if tokens is not None and tokens >= 0 else None

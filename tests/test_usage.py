@@ -340,3 +340,19 @@ def test_ledger_appends_exclude_each_other_within_one_process_too(tmp_path: Path
         assert other.is_alive(), "an append ran while another held the ledger's lock"
     other.join()
     assert len(book.path.read_bytes().splitlines()) == 1
+
+
+def test_nonsense_token_counts_are_estimated_and_the_reply_saved(
+    client: TestClient, upstream: FakeUpstream, data_dir: Path
+) -> None:
+    upstream.script(Reply(text="fine", usage=(-5, 3)))  # a compatible server's nonsense
+    body = chat(client, model="openai/gpt-4o-mini")
+    assert body["message"]["status"] == "complete"
+    assert body["message"]["usage"]["estimated"] is True and body["message"]["usage"]["input_tokens"] > 0
+    assert body["message"]["usage"]["output_tokens"] == 3  # the count that makes sense is kept
+    saved = client.get(f"/api/conversations/{body['conversation_id']}").json()["messages"][-1]
+    assert saved["status"] == "complete" and saved["content"] == "fine"
+    [line] = ledger(data_dir)
+    assert line["estimated"] is True and line["cost"] == body["message"]["cost"] > 0
+    # and should a count reach the price table that it refuses, the cost is unknown, not an error
+    assert usage.Prices({}).cost("openai", "gpt-4o-mini", -5, 3) is None
