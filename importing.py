@@ -708,7 +708,7 @@ def read_export(
     ours = [m for m in members if OURS_RE.search(m.name)]
     shards = sorted((m for m in members if SHARD_RE.search(m.name)), key=lambda m: shard_order(m.name))
     if not ours and not shards:
-        names = ", ".join(m.name for m in members[:8]) + (", ..." if len(members) > 8 else "")
+        names = listing([m.name for m in members])
         raise UnknownFormat(
             f"found {what} ({names or 'empty'}) without conversations.json, conversations-000.json ... "
             f"or conversations/<id>.json; import a ChatGPT or Claude.ai export, or one made by this service"
@@ -860,7 +860,13 @@ def describe(doc: Any) -> str:
 
 def describe_keys(doc: dict[str, Any]) -> str:
     keys = sorted(str(k) for k in doc)
-    return "keys " + ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "no keys"
+    return "keys " + listing(keys) if keys else "no keys"
+
+
+def listing(names: list[str]) -> str:
+    """The first few names of untrusted content, each cut short: an error detail stays a line."""
+    shown = [name if len(name) <= 60 else name[:57] + "..." for name in names[:8]]
+    return ", ".join(shown) + (", ..." if len(names) > 8 else "")
 
 
 def sharded_hint(doc: dict[str, Any]) -> str:

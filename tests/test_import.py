@@ -416,3 +416,15 @@ def test_the_unpacked_limit_counts_only_what_is_read(make_client: Callable[..., 
     response = upload(client, zipped(export), "export.zip")
     assert response.status_code == 200, response.text
     assert len(response.json()["imported"]) == 1
+
+
+def test_what_was_found_is_named_in_a_detail_of_bounded_size(client: TestClient) -> None:
+    long = "k" * 60_000  # a zip entry name holds at most 65,535 bytes
+    for data, name in (
+        (dumps({long: 1, "other": 2}), "conversations.json"),
+        (zipped({f"{long}.txt": b"x", "notes.txt": b"y"}), "export.zip"),
+    ):
+        response = upload(client, data, name)
+        assert response.status_code == 400, response.text
+        detail = response.json()["detail"]
+        assert "k" * 57 + "..." in detail and len(detail) < 1000
