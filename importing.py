@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 import zipfile
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -202,13 +203,14 @@ def from_epoch(value: Any) -> str | None:
 
 
 def from_iso(value: Any) -> str | None:
+    """An ISO timestamp in our format; None for anything else, or a moment outside years 1-9999 in UTC."""
     if not isinstance(value, str):
         return None
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        return stamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    except (ValueError, OverflowError):
         return None
-    return stamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 def obj(value: Any) -> dict[str, Any]:
@@ -659,10 +661,11 @@ class Member:
 
     name: str
     open: Callable[[], IO[bytes]]
+    unpacked: int = 0  # a zip entry's size once unpacked, as its central directory declares
 
 
-def members_of(path: Path, name: str, limit: int, stack: contextlib.ExitStack) -> tuple[str, list[Member]]:
-    """What the path is (for messages) and its files. A zip unpacking past `limit` is refused."""
+def members_of(path: Path, name: str, stack: contextlib.ExitStack) -> tuple[str, list[Member]]:
+    """What the path is (for messages) and its files."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return f"a folder of {len(files)} files", [
@@ -679,17 +682,15 @@ def members_of(path: Path, name: str, limit: int, stack: contextlib.ExitStack) -
             f"found a file that starts like a zip but is not a readable one ({first_line(exc)})"
         ) from None
     entries = [info for info in archive.infolist() if not info.is_dir()]
-    unpacked = sum(info.file_size for info in entries)
-    if unpacked > limit:
-        raise ExportTooLarge(
-            f"the zip unpacks to {unpacked} bytes; the limit is {limit} bytes (CHAT_MAX_IMPORT_BYTES)"
+    if any(info.flag_bits & 0x1 for info in entries):  # zipfile would need the password
+        raise UnknownFormat(
+            "found an encrypted (password-protected) zip; unpack it and import conversations.json"
         )
-    # zipfile never reads an entry past its declared size, so the sum above bounds what is unpacked
     return f"a zip of {len(entries)} files", [zip_member(archive, info) for info in entries]
 
 
 def zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
-    return Member(info.filename, lambda: archive.open(info))
+    return Member(info.filename, lambda: archive.open(info), info.file_size)
 
 
 def file_member(path: Path, name: str) -> Member:
@@ -700,24 +701,53 @@ def read_export(
     path: Path, limit: int, fallback_model: str, stack: contextlib.ExitStack, name: str | None = None
 ) -> Iterator[Found]:
     """Every conversation of the export, converted or skipped; refuses what is no export we know."""
-    what, members = members_of(path, name or path.name, limit, stack)
+    what, members = members_of(path, name or path.name, stack)
     if len(members) == 1 and what == "a file":
         yield from read_json(members[0], fallback_model, alone=True)
         return
     ours = [m for m in members if OURS_RE.search(m.name)]
     shards = sorted((m for m in members if SHARD_RE.search(m.name)), key=lambda m: shard_order(m.name))
     if not ours and not shards:
-        names = ", ".join(m.name for m in members[:8]) + (", ..." if len(members) > 8 else "")
+        names = listing([m.name for m in members])
         raise UnknownFormat(
             f"found {what} ({names or 'empty'}) without conversations.json, conversations-000.json ... "
             f"or conversations/<id>.json; import a ChatGPT or Claude.ai export, or one made by this service"
         )
+    check_unpacked([*ours, *shards], limit)
     if ours:
         yield Section(f"{what} with {len(ours)} conversation files of this service")
-        for member in ours:
+    for member in [*ours, *shards]:
+        yield from read_member(member, fallback_model)
+
+
+# What reading a zip entry raises when its bytes are damaged (CRC, deflate stream, truncation) or
+# packed in a way zipfile cannot unpack.
+DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+def read_member(member: Member, fallback_model: str) -> Iterator[Found]:
+    """One file of a zip or folder; one that cannot be unpacked is reported, and the others still land."""
+    try:
+        if OURS_RE.search(member.name):
             yield read_ours(member)
-    for member in shards:
-        yield from read_json(member, fallback_model, alone=False)
+        else:
+            yield from read_json(member, fallback_model, alone=False)
+    except DAMAGED as exc:
+        problem = f"{member.name} is damaged and could not be unpacked ({first_line(exc)})"
+        yield Skipped(None, member.name, problem)
+
+
+def check_unpacked(members: list[Member], limit: int) -> None:
+    """Refuse a zip whose conversation files unpack past `limit` (images and the rest are never read).
+
+    zipfile never reads an entry past its declared size, so the declared sum bounds what is unpacked.
+    """
+    unpacked = sum(member.unpacked for member in members)
+    if unpacked > limit:
+        raise ExportTooLarge(
+            f"the conversation files in the zip unpack to {unpacked} bytes; the limit is {limit} bytes "
+            "(CHAT_MAX_IMPORT_BYTES)"
+        )
 
 
 def shard_order(name: str) -> tuple[int, str]:
@@ -830,7 +860,13 @@ def describe(doc: Any) -> str:
 
 def describe_keys(doc: dict[str, Any]) -> str:
     keys = sorted(str(k) for k in doc)
-    return "keys " + ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "no keys"
+    return "keys " + listing(keys) if keys else "no keys"
+
+
+def listing(names: list[str]) -> str:
+    """The first few names of untrusted content, each cut short: an error detail stays a line."""
+    shown = [name if len(name) <= 60 else name[:57] + "..." for name in names[:8]]
+    return ", ".join(shown) + (", ..." if len(names) > 8 else "")
 
 
 def sharded_hint(doc: dict[str, Any]) -> str:

@@ -87,7 +87,9 @@ class Prices:
                 model_ref=model,
                 provider_id=vendor,
             )
-        except LookupError:
+        except (LookupError, ValueError) as exc:  # unknown model; usage the table refuses (negative)
+            if not isinstance(exc, LookupError):
+                log.warning("no cost for %s/%s: %s", provider, model, exc)
             return None
         total: Decimal = calculation.total_price
         return float(total)
@@ -158,9 +160,9 @@ class Ledger:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "usage.jsonl"
-        self._lock = FileLock(
-            data_dir / "usage.jsonl.lock", mode=0o600, thread_local=False, preserve_lock_file=True
-        )
+        # Thread-local (filelock's default): with thread_local=False a second thread's acquire is
+        # taken as re-entry and does not wait, so two generations' appends would not exclude each other.
+        self._lock = FileLock(data_dir / "usage.jsonl.lock", mode=0o600, preserve_lock_file=True)
         self._buckets: defaultdict[Bucket, Totals] = defaultdict(Totals)
         self._offset = 0
         self._identity: tuple[int, int] | None = None  # (device, inode): a replaced file is read anew
@@ -228,15 +230,15 @@ class Ledger:
 
 def aggregate(
     buckets: Mapping[Bucket, Totals], start: date | None, end: date | None, group_by: GroupBy
-) -> list[dict[str, Any]]:
-    """Totals per day, model or provider over [start, end] (inclusive UTC days)."""
+) -> dict[str, Totals]:
+    """Totals per day, model or provider over [start, end] (inclusive UTC days), in key order."""
     groups: defaultdict[str, Totals] = defaultdict(Totals)
     for (day, provider, model), totals in buckets.items():
         if (start and day < start.isoformat()) or (end and day > end.isoformat()):
             continue
         key = {"day": day, "provider": provider, "model": f"{provider}/{model}"}[group_by]
         groups[key].add(totals)
-    return [{group_by: key, **groups[key].out()} for key in sorted(groups)]
+    return {key: groups[key] for key in sorted(groups)}
 
 
 # --- limits -------------------------------------------------------------------------------------
@@ -281,6 +283,14 @@ class Usage:
         self.ledger = Ledger(data_dir)
         self.prices = Prices(prices)
         self.budgets = budgets
+        for provider in budgets:
+            if provider not in PRICED_PROVIDERS and not any(k.startswith(f"{provider}/") for k in prices):
+                log.warning(
+                    "CHAT_BUDGETS has a budget for %s, but no price is known for its models, so its spend "
+                    'stays 0 and the budget never trips; give one in CHAT_PRICES, e.g. {"%s/*": 0.5}',
+                    provider,
+                    provider,
+                )
         self.max_concurrent = max_concurrent
         self._rate: Any = None
         self._rate_items: list[Any] = []
@@ -430,22 +440,14 @@ async def usage_totals(
     buckets = await anyio.to_thread.run_sync(usage.ledger.totals)
     groups = aggregate(buckets, from_, to, group_by)
     total = Totals()
-    for group in groups:
-        total.add(
-            Totals(
-                group["requests"],
-                group["input_tokens"],
-                group["output_tokens"],
-                group["cost"],
-                group["unpriced_requests"],
-            )
-        )
+    for totals in groups.values():
+        total.add(totals)  # summed before rounding, so the total is no sum of rounded groups
     return JSON(
         {
             "from": from_.isoformat() if from_ else None,
             "to": to.isoformat() if to else None,
             "group_by": group_by,
-            "groups": groups,
+            "groups": [{group_by: key, **totals.out()} for key, totals in groups.items()],
             "total": total.out(),
         }
     )
@@ -459,9 +461,14 @@ def counted_tokens(
     `reported` is None when the generation ended early (stop, error, disconnect, shutdown): the
     provider may have billed it all the same, so it is estimated rather than left out.
     """
-    given_in, given_out = reported if reported is not None else (None, None)
+    given_in, given_out = (counted(n) for n in reported) if reported is not None else (None, None)
     if given_in is not None and given_out is not None:
         return given_in, given_out, False
     input_tokens = given_in if given_in is not None else estimate_messages(prompt)
     output_tokens = given_out if given_out is not None else estimate_tokens(reply)
     return input_tokens, output_tokens, True
+
+
+def counted(tokens: int | None) -> int | None:
+    """A token count as reported, or None for one no provider could mean (a negative number)."""
+    return tokens if tokens is not None and tokens >= 0 else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -247,7 +248,8 @@ def test_a_zip_bomb_is_refused_before_it_is_unpacked(
     response = upload(client, bomb, "export.zip")
     assert response.status_code == 413, response.text
     assert response.json() == {
-        "detail": "the zip unpacks to 50000002 bytes; the limit is 1000000 bytes (CHAT_MAX_IMPORT_BYTES)",
+        "detail": "the conversation files in the zip unpack to 50000002 bytes; the limit is 1000000 "
+        "bytes (CHAT_MAX_IMPORT_BYTES)",
         "type": "import_too_large",
     }
     assert not list(data_dir.glob(".import-*"))  # the upload is gone too
@@ -372,3 +374,57 @@ def test_children_of_dropped_nodes_hang_from_the_nearest_kept_one() -> None:
     ]
     assert current == f"{1:032x}"  # the current node was dropped: its nearest kept ancestor
     assert drops == {"tool": 1, "unreachable": 2}
+
+
+def test_a_date_outside_what_python_holds_falls_back_instead_of_failing(client: TestClient) -> None:
+    claude = exports.claude_simple(1)
+    claude["created_at"] = "0001-01-01T00:00:00+14:00"  # before the year 1 once in UTC
+    claude["chat_messages"][0]["created_at"] = "9999-12-31T23:59:59-14:00"  # after 9999 in UTC
+    response = upload(client, dumps([claude]))
+    assert response.status_code == 200, response.text
+    assert [item["source_id"] for item in response.json()["imported"]] == [claude["uuid"]]
+
+
+def test_a_damaged_zip_entry_is_reported_not_a_server_error(client: TestClient) -> None:
+    docs = [exports.chatgpt_simple(i) for i in range(40)]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:  # stored: the damage below keeps valid JSON
+        archive.writestr("conversations.json", dumps(docs))
+    damaged = buffer.getvalue().replace(b"Question 1 of conversation 39", b"question 1 of conversation 39")
+    response = upload(client, damaged, "export.zip")  # its CRC-32 no longer matches
+    assert response.status_code in (200, 400), response.text
+    reasons = [item["reason"] for item in response.json()["skipped"]]
+    assert any(reason.startswith("conversations.json is damaged") for reason in reasons), reasons
+
+
+def test_an_encrypted_zip_is_refused_saying_so(client: TestClient) -> None:
+    archive = bytearray(zipped({"conversations.json": dumps([exports.chatgpt_simple(1)])}))
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local and central headers
+        archive[archive.index(signature) + flags_at] |= 0x1  # what a password-protected zip sets
+    response = upload(client, bytes(archive), "export.zip")
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "unknown_import_format"
+    assert "encrypted" in response.json()["detail"]
+
+
+def test_the_unpacked_limit_counts_only_what_is_read(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(CHAT_MAX_IMPORT_BYTES=1_000_000)
+    export = {
+        "conversations.json": dumps([exports.chatgpt_simple(1)]),
+        "file-AbC123-photo.png": b"\x89PNG" + bytes(5_000_000),  # an attachment: never unpacked
+    }
+    response = upload(client, zipped(export), "export.zip")
+    assert response.status_code == 200, response.text
+    assert len(response.json()["imported"]) == 1
+
+
+def test_what_was_found_is_named_in_a_detail_of_bounded_size(client: TestClient) -> None:
+    long = "k" * 60_000  # a zip entry name holds at most 65,535 bytes
+    for data, name in (
+        (dumps({long: 1, "other": 2}), "conversations.json"),
+        (zipped({f"{long}.txt": b"x", "notes.txt": b"y"}), "export.zip"),
+    ):
+        response = upload(client, data, name)
+        assert response.status_code == 400, response.text
+        detail = response.json()["detail"]
+        assert "k" * 57 + "..." in detail and len(detail) < 1000

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -284,3 +285,88 @@ def test_a_burst_cannot_slip_past_the_concurrency_limit(
             pool.map(lambda i: client.post("/api/chat", json={"message": f"m{i}"}).status_code, range(6))
         )
     assert statuses.count(429) == 5, statuses  # the one admitted ends with the idle timeout (504)
+
+
+def test_the_total_is_summed_before_rounding(
+    make_client: Callable[..., TestClient], upstream: FakeUpstream
+) -> None:
+    client = make_client(CHAT_PRICES={"openai/*": {"input": 0.4, "output": 0}})  # $0.0000004 a token
+    upstream.script(*[Reply(usage=(1, 0))] * 3)
+    for model in ("openai/fake-gpt-1", "openai/fake-gpt-2", "openai/fake-gpt-3"):
+        chat(client, model=model)
+    by_model = client.get("/api/usage", params={"group_by": "model"}).json()
+    assert [group["cost"] for group in by_model["groups"]] == [0.0, 0.0, 0.0]  # each under a millionth
+    assert by_model["total"]["cost"] == 0.000001  # 0.0000012, rounded once
+
+
+def test_budget_periods_start_and_reset_on_utc_calendar_boundaries(tmp_path: Path) -> None:
+    assert usage.period_bounds("day", datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == (
+        "2026-12-31",
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert usage.period_bounds("month", datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == (
+        "2026-12-01",
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert usage.period_bounds("month", datetime(2028, 2, 29, tzinfo=UTC)) == (
+        "2028-02-01",
+        datetime(2028, 3, 1, tzinfo=UTC),
+    )
+    today = datetime.now(UTC).date()
+    last_month = today.replace(day=1) - timedelta(days=1)  # spent before both periods began
+    spent = usage.Usage(
+        tmp_path,
+        prices={},
+        rate_limit=None,
+        max_concurrent=None,
+        budgets={"openai": {"day": 1.0, "month": 1.5}},
+    )
+    spent.ledger.append(
+        usage.Entry("openai", "m", 1, 1, False, 100.0, None, time=f"{last_month}T23:59:59.999Z")
+    )
+    spent.ledger.append(usage.Entry("openai", "m", 1, 1, False, 0.999, None, time=f"{today}T00:00:00.000Z"))
+    spent.check_budget("openai")  # under both budgets: last month's spend does not count
+    spent.ledger.append(usage.Entry("openai", "m", 1, 1, True, 0.001, None, time=f"{today}T00:00:01.000Z"))
+    with pytest.raises(usage.LimitReached) as caught:
+        spent.check_budget("openai")  # at the budget is over it
+    assert caught.value.extra["period"] == "day"
+    assert caught.value.extra["spent"] == pytest.approx(1.0)
+    assert caught.value.extra["resets_at"] == f"{today + timedelta(days=1)}T00:00:00Z"
+    spent.check_budget("anthropic")  # another provider's budget is its own
+
+
+def test_a_budget_that_can_never_trip_is_said_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    budgets: usage.Budgets = {"ollama": {"day": 1}, "gpu": {"day": 1}, "openai": {"day": 1}}
+    usage.Usage(tmp_path, prices={"gpu/*": 0.5}, rate_limit=None, max_concurrent=None, budgets=budgets)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "budget for ollama" in warnings[0] and "CHAT_PRICES" in warnings[0]
+
+
+def test_ledger_appends_exclude_each_other_within_one_process_too(tmp_path: Path) -> None:
+    book = usage.Ledger(tmp_path)
+    entry = usage.Entry("openai", "m", 1, 2, False, 0.5, None)
+    with book._lock:  # an append in progress in this process, as another worker thread would hold it
+        other = threading.Thread(target=book.append, args=(entry,))
+        other.start()
+        other.join(timeout=0.5)
+        assert other.is_alive(), "an append ran while another held the ledger's lock"
+    other.join()
+    assert len(book.path.read_bytes().splitlines()) == 1
+
+
+def test_nonsense_token_counts_are_estimated_and_the_reply_saved(
+    client: TestClient, upstream: FakeUpstream, data_dir: Path
+) -> None:
+    upstream.script(Reply(text="fine", usage=(-5, 3)))  # a compatible server's nonsense
+    body = chat(client, model="openai/gpt-4o-mini")
+    assert body["message"]["status"] == "complete"
+    assert body["message"]["usage"]["estimated"] is True and body["message"]["usage"]["input_tokens"] > 0
+    assert body["message"]["usage"]["output_tokens"] == 3  # the count that makes sense is kept
+    saved = client.get(f"/api/conversations/{body['conversation_id']}").json()["messages"][-1]
+    assert saved["status"] == "complete" and saved["content"] == "fine"
+    [line] = ledger(data_dir)
+    assert line["estimated"] is True and line["cost"] == body["message"]["cost"] > 0
+    # and should a count reach the price table that it refuses, the cost is unknown, not an error
+    assert usage.Prices({}).cost("openai", "gpt-4o-mini", -5, 3) is None
