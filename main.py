@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hmac
 import ipaddress
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
@@ -40,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chat
 import providers
+import wire
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
 from schemas import (
     ChatIn,
@@ -247,7 +249,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        refusal = self.refuse(scope, headers)
+        refusal = self.refuse(scope, headers, functools.partial(wire.error_for, scope["path"], headers))
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -271,7 +273,10 @@ class Guard:
         what = f"request body is {size} bytes" if size else "request body is too large"
         return f"{what}; the limit is {self.settings.max_body_bytes} bytes (CHAT_MAX_BODY_BYTES)"
 
-    def refuse(self, scope: Scope, headers: dict[str, str]) -> Response | None:
+    def refuse(
+        self, scope: Scope, headers: dict[str, str], error: Callable[..., Response]
+    ) -> Response | None:
+        """Why this request is refused, as `error` renders it (on /v1 in the client's wire format)."""
         peer = (scope.get("client") or ("", 0))[0]
         if self.settings.loopback and not self.settings.allow_remote and not is_loopback(peer):
             # e.g. `uvicorn main:app --host 0.0.0.0`, which skips main()'s refusal
@@ -299,16 +304,24 @@ class Guard:
         length = headers.get("content-length", "0")
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
             return error(413, self.too_large(length), "body_too_large")
-        if self.token is not None and scope["path"] not in OPEN_PATHS:
-            scheme, _, given = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
-                return error(
-                    401,
-                    "missing or wrong token: send the header 'Authorization: Bearer <CHAT_API_TOKEN>'",
-                    "unauthorized",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+        if self.token is not None and scope["path"] not in OPEN_PATHS and not self.token_ok(scope, headers):
+            return error(
+                401,
+                "missing or wrong token: send the header 'Authorization: Bearer <CHAT_API_TOKEN>'"
+                + (" or 'x-api-key: <CHAT_API_TOKEN>'" if wire.serves(scope["path"]) else ""),
+                "unauthorized",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return None
+
+    def token_ok(self, scope: Scope, headers: dict[str, str]) -> bool:
+        """`Authorization: Bearer <token>`, or on /v1 also `x-api-key` (what the anthropic clients send)."""
+        assert self.token is not None
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token):
+            return True
+        key = headers.get("x-api-key") if wire.serves(scope["path"]) else None
+        return key is not None and hmac.compare_digest(key.strip().encode(), self.token)
 
     def host_ok(self, host: str) -> bool:
         name = host_name(host)
@@ -389,6 +402,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guard, settings=settings)
     add_error_handlers(app)
     add_routes(app)
+    app.include_router(wire.router)
     return app
 
 
@@ -409,17 +423,24 @@ def add_error_handlers(app: FastAPI) -> None:
         detail = exc.detail
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return error(exc.status_code, str(detail), kinds.get(exc.status_code, "http_error"), exc.headers)
+        kind = kinds.get(exc.status_code, "http_error")
+        return wire.error_for(
+            request.url.path, request.headers, exc.status_code, str(detail), kind, exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        if wire.serves(request.url.path):
+            detail = wire.validation_detail(errors)
+            return wire.error_for(request.url.path, request.headers, 400, detail, "invalid_request")
         return JSON({"detail": jsonable_encoder(errors), "type": "invalid_request"}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error(500, "internal error; the server log has the details", "internal_error")
+        detail = "internal error; the server log has the details"
+        return wire.error_for(request.url.path, request.headers, 500, detail, "internal_error")
 
 
 def add_routes(app: FastAPI) -> None:

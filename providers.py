@@ -17,7 +17,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,13 +49,16 @@ class ChatRequest:
     system: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()  # stop sequences
 
 
 @dataclass
 class Finish:
-    reason: str | None
+    reason: str | None  # in the provider's own vocabulary ("stop", "end_turn", "length", ...)
     input_tokens: int | None = None
     output_tokens: int | None = None
+    stop_sequence: str | None = None  # which stop sequence ended the reply, where the provider says
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class Provider:
     sdk: str = ""
     _client: Any = field(default=None, init=False, repr=False)
     _models: tuple[float, list[str], str] | None = field(default=None, init=False, repr=False)
+    _refresh: asyncio.Task[Any] | None = field(default=None, init=False, repr=False)
 
     @property
     def configured(self) -> bool:
@@ -244,13 +248,15 @@ class Provider:
         raise NotImplementedError
 
     async def aclose(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
         if self._client is not None:
             await self._client.close()
             self._client = None
 
     # streaming
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Finish]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Finish]:
         """Text deltas, then one Finish. Raises ProviderError, never an SDK exception.
 
         A connection failure or a 5xx is tried once more, but only while nothing has been yielded:
@@ -301,6 +307,13 @@ class Provider:
             names, source, ttl = list(self.fallback_models), "fallback", MODELS_FAILURE_TTL
         self._models = (time.monotonic() + ttl, names, source)
         return names, source
+
+    def models_now(self) -> list[str]:
+        """The cached listing (or the fallbacks) at once; a stale one is refreshed in the background."""
+        fresh = self._models is not None and self._models[0] > time.monotonic()
+        if not fresh and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self.models())
+        return self._models[1] if self._models is not None else list(self.fallback_models)
 
     # errors
 
@@ -389,6 +402,10 @@ class OpenAICompatible(Provider):
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body[self.max_tokens_field] = request.max_tokens
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.stop:
+            body["stop"] = list(request.stop)
         # The SDK walks every message of `messages=` through its type-driven transform, ~0.2 ms each
         # (a 2,000-message history took 400 ms); `extra_body` is sent as is and takes precedence.
         return client.chat.completions.with_streaming_response.create(  # type: ignore[no-any-return]
@@ -457,9 +474,12 @@ class Anthropic(Provider):
         options: dict[str, Any] = {}
         if request.system:
             options["system"] = request.system
-        if request.temperature is not None:
-            # The SDK has no temperature argument; the API version decides whether it is accepted.
-            options["extra_body"] = {"temperature": request.temperature}
+        if request.stop:
+            options["stop_sequences"] = list(request.stop)
+        # The SDK has no temperature or top_p arguments; the API version decides whether they are accepted.
+        sampling = {"temperature": request.temperature, "top_p": request.top_p}
+        if extra := {k: v for k, v in sampling.items() if v is not None}:
+            options["extra_body"] = extra
         return client.messages.with_streaming_response.create(  # type: ignore[no-any-return]
             model=request.model,
             max_tokens=request.max_tokens or self.default_max_tokens,
@@ -483,6 +503,7 @@ class Anthropic(Provider):
                 finish.output_tokens = usage.get("output_tokens")
             elif kind == "message_delta":
                 finish.reason = event["delta"].get("stop_reason") or finish.reason
+                finish.stop_sequence = event["delta"].get("stop_sequence")
                 finish.output_tokens = (event.get("usage") or {}).get("output_tokens", finish.output_tokens)
             elif kind == "message_stop":
                 yield finish

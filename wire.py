@@ -1,0 +1,238 @@
+"""`/v1`: the OpenAI- and Anthropic-compatible endpoints, so existing clients can use any provider here.
+
+`POST /v1/chat/completions` speaks OpenAI's Chat Completions, `POST /v1/messages` Anthropic's
+Messages; both reach the same dispatch table as `/api/chat` (`Provider.stream`: its retry and its
+error translation), so an OpenAI client can talk to Claude and an Anthropic client to a local model.
+Stateless: nothing is written. Errors on every `/v1` path, including the service's own refusals,
+come in the client's format with the status its SDK turns into the right exception.
+The translation of each format lives in `wire_formats.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from providers import (
+    Finish,
+    Provider,
+    ProviderAuthFailed,
+    ProviderError,
+    ProviderSpendLimit,
+    ProviderTable,
+    UnknownProvider,
+    resolve,
+)
+from web import JSON, TableDep, error
+from wire_formats import (
+    AnthropicEvents,
+    AnthropicMessagesIn,
+    CountTokensIn,
+    Exchange,
+    Flavor,
+    NotSupported,
+    OpenAIChatIn,
+    OpenAIEvents,
+    anthropic_exchange,
+    anthropic_request,
+    anthropic_whole,
+    error_body,
+    openai_exchange,
+    openai_whole,
+    prompt_estimate,
+)
+
+PREFIX = "/v1"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+NEVER_RETRY = (ProviderSpendLimit, ProviderAuthFailed)  # waiting will not fix these
+
+router = APIRouter(prefix=PREFIX, tags=["compatible (/v1)"])
+
+
+# --- errors in the client's own format ----------------------------------------------------------
+
+
+def serves(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def flavor_of(path: str, headers: Mapping[str, str]) -> Flavor:
+    """Anthropic's format for its paths and for any request carrying `anthropic-version`, else OpenAI's."""
+    anthropic = path.startswith(PREFIX + "/messages") or "anthropic-version" in headers
+    return "anthropic" if anthropic else "openai"
+
+
+def wire_error(
+    flavor: Flavor, status: int, detail: str, kind: str, headers: Mapping[str, str] | None = None
+) -> JSON:
+    status = 400 if status == 422 else status  # both SDKs raise BadRequestError for a 400, as the APIs send
+    return JSON(error_body(flavor, status, detail, kind), status_code=status, headers=headers)
+
+
+def error_for(
+    path: str,
+    request_headers: Mapping[str, str],
+    status: int,
+    detail: str,
+    kind: str,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSON:
+    """The error body for any path: the API's own, or on `/v1` the client's wire format."""
+    if serves(path):
+        return wire_error(flavor_of(path, request_headers), status, detail, kind, headers)
+    return error(status, detail, kind, headers, **extra)
+
+
+def validation_detail(errors: list[Any]) -> str:
+    """Pydantic's errors as one sentence a client's exception message can carry."""
+    said = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        said.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "invalid request: " + "; ".join(said)
+
+
+def refusal(flavor: Flavor, exc: ProviderError | NotSupported) -> JSON:
+    """A provider error or a refused feature, with the status and headers the client's SDK acts on."""
+    status = 404 if isinstance(exc, UnknownProvider) else exc.status_code  # the SDKs' NotFoundError
+    headers: dict[str, str] = {}
+    if isinstance(exc, ProviderError) and exc.retry_after is not None:
+        headers["Retry-After"] = exc.retry_after
+    if isinstance(exc, NEVER_RETRY):
+        headers["x-should-retry"] = "false"
+    return wire_error(flavor, status, exc.detail, exc.type, headers)
+
+
+# --- answering: the provider's stream, watched for the client going away ------------------------
+
+
+class Relay(Response):
+    """One exchange answered whole or as events; a client that goes away closes the upstream at once."""
+
+    def __init__(self, provider: Provider, exchange: Exchange, flavor: Flavor) -> None:
+        # Not Response.__init__: the status and headers are known only once the provider has answered.
+        self.background = None
+        self.provider = provider
+        self.exchange = exchange
+        self.flavor = flavor
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(self.watch, receive, group.cancel_scope)
+            answer = self.stream if self.exchange.stream else self.whole
+            await answer(scope, receive, send)
+            group.cancel_scope.cancel()
+
+    @staticmethod
+    async def watch(receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()  # cancels the read from the provider, which closes its connection
+
+    def items(self) -> contextlib.aclosing[AsyncGenerator[str | Finish]]:
+        return contextlib.aclosing(self.provider.stream(self.exchange.request))
+
+    async def whole(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parts: list[str] = []
+        finish: Finish | None = None
+        try:
+            async with self.items() as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        parts.append(item)
+                    else:
+                        finish = item
+        except ProviderError as exc:
+            response: Response = refusal(self.flavor, exc)
+        else:
+            encode = anthropic_whole if self.flavor == "anthropic" else openai_whole
+            response = JSON(encode(self.exchange, "".join(parts), finish))
+        await response(scope, receive, send)
+
+    async def stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        events = AnthropicEvents(self.exchange) if self.flavor == "anthropic" else OpenAIEvents(self.exchange)
+        async with self.items() as items:
+            try:  # an error before the first token is an HTTP error, which the SDKs map to a class
+                item = await anext(items)
+            except ProviderError as exc:
+                await refusal(self.flavor, exc)(scope, receive, send)
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            parts: list[str] = []
+            body = events.head()
+            try:
+                while not isinstance(item, Finish):
+                    parts.append(item)
+                    await send(
+                        {"type": "http.response.body", "body": body + events.delta(item), "more_body": True}
+                    )
+                    body = b""
+                    item = await anext(items)
+                end = body + events.tail(item, "".join(parts))
+            except ProviderError as exc:
+                end = body + events.error(exc.status_code, exc.detail, exc.type)
+        await send({"type": "http.response.body", "body": end, "more_body": False})
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+def model_ids(table: ProviderTable) -> list[str]:
+    return [f"{p.name}/{m}" for p in table.values() if p.configured for m in p.models_now()]
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: OpenAIChatIn, table: TableDep) -> Response:
+    """OpenAI Chat Completions (text only): whole, or streamed as `chat.completion.chunk` events."""
+    try:
+        provider, upstream_model = resolve(table, body.model)
+        return Relay(provider, openai_exchange(body, upstream_model), "openai")
+    except (ProviderError, NotSupported) as exc:
+        return refusal("openai", exc)
+
+
+@router.post("/messages")
+async def messages(body: AnthropicMessagesIn, table: TableDep) -> Response:
+    """Anthropic Messages (text only): whole, or streamed as Anthropic's events."""
+    try:
+        provider, upstream_model = resolve(table, body.model)
+        return Relay(provider, anthropic_exchange(body, upstream_model), "anthropic")
+    except (ProviderError, NotSupported) as exc:
+        return refusal("anthropic", exc)
+
+
+@router.post("/messages/count_tokens")
+async def count_tokens(body: CountTokensIn, table: TableDep) -> Response:
+    """`{"input_tokens": n}` for a Messages request, by the project's token estimate."""
+    try:
+        _, upstream_model = resolve(table, body.model)
+        request = anthropic_request(body, upstream_model)
+    except (ProviderError, NotSupported) as exc:
+        return refusal("anthropic", exc)
+    return JSON({"input_tokens": prompt_estimate(request)})
+
+
+@router.get("/models")
+async def list_models(request: Request, table: TableDep) -> Response:
+    """Every configured provider's models as `provider/model`, at once: the cached listing or the
+    fallbacks, refreshed in the background. Anthropic's list shape with an `anthropic-version` header."""
+    ids = model_ids(table)
+    if "anthropic-version" in request.headers:
+        data = [
+            {"type": "model", "id": i, "display_name": i, "created_at": "1970-01-01T00:00:00Z"} for i in ids
+        ]
+        first, last = (ids[0], ids[-1]) if ids else (None, None)
+        return JSON({"data": data, "has_more": False, "first_id": first, "last_id": last})
+    owned = [{"id": i, "object": "model", "created": 0, "owned_by": i.partition("/")[0]} for i in ids]
+    return JSON({"object": "list", "data": owned})
