@@ -95,6 +95,9 @@ class Reply:
     """(input_tokens, output_tokens); default (words in the request's messages, number of deltas)."""
     model_not_found: bool = False
     """Answer 404 model-not-found in the provider's format."""
+    finish_reason: str | None = None
+    """The finish / stop reason in the provider's vocabulary; default ``stop`` / ``end_turn``. Anthropic's
+    ``stop_sequence`` names the request's first stop sequence."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -831,7 +834,7 @@ class FakeUpstream:
                         "index": 0,
                         "message": {"role": "assistant", "content": text, "refusal": None},
                         "logprobs": None,
-                        "finish_reason": "stop",
+                        "finish_reason": reply.finish_reason or "stop",
                     }
                 ],
                 "usage": usage,
@@ -870,7 +873,11 @@ class FakeUpstream:
         )
         prefix, _, suffix = template.partition(_dumps(marker))
         deltas = [prefix + _dumps(p) + suffix for p in pieces]
-        tail = [event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}])]
+        tail = [
+            event(
+                [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason or "stop"}]
+            )
+        ]
         if include_usage:
             tail.append(event([], usage=usage))
         tail.append(b"data: [DONE]\n\n")
@@ -924,6 +931,9 @@ class FakeUpstream:
         pieces = split_text(text, reply.chunks)
         input_tokens, output_tokens = reply.usage or (_count_words(body), len(pieces))
         mid = f"msg_fake{next(self._ids):016d}"
+        reason = reply.finish_reason or "end_turn"
+        sequences = body.get("stop_sequences") or [None]
+        stop = {"stop_reason": reason, "stop_sequence": sequences[0] if reason == "stop_sequence" else None}
 
         if body.get("stream") is not True:
             if reply.mode == "midstream_error":
@@ -935,8 +945,7 @@ class FakeUpstream:
                 "role": "assistant",
                 "model": model,
                 "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn",
-                "stop_sequence": None,
+                **stop,
                 "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
             }
             return await self._non_stream(conn, reply, _dumps(obj), headers, keep_alive)
@@ -973,7 +982,7 @@ class FakeUpstream:
                 "message_delta",
                 {
                     "type": "message_delta",
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "delta": stop,
                     "usage": {"output_tokens": output_tokens},
                 },
             ),
