@@ -409,13 +409,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProviderError)
     async def provider_error(request: Request, exc: ProviderError) -> Response:
+        if wire.serves(request.url.path):
+            return wire.refusal(wire.flavor_of(request.url.path, request.headers), exc)
         return provider_error_response(exc)
 
     @app.exception_handler(StorageError)
     async def storage_error(request: Request, exc: StorageError) -> Response:
         if exc.status_code >= 500:
             log.error("storage: %s", exc.detail)
-        return error(exc.status_code, exc.detail, exc.type)
+        return wire.error_for(request.url.path, request.headers, exc.status_code, exc.detail, exc.type)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -10,8 +10,10 @@ The translation of each format lives in `wire_formats.py`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -19,9 +21,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+import chat
 from providers import (
     Finish,
-    Provider,
     ProviderAuthFailed,
     ProviderError,
     ProviderSpendLimit,
@@ -29,6 +31,7 @@ from providers import (
     UnknownProvider,
     resolve,
 )
+from storage import StorageError
 from web import JSON, TableDep, error
 from wire_formats import (
     AnthropicEvents,
@@ -55,6 +58,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 NEVER_RETRY = (ProviderSpendLimit, ProviderAuthFailed)  # waiting will not fix these
+CONVERSATION_HEADER = "X-Conversation-Id"
 
 router = APIRouter(prefix=PREFIX, tags=["compatible (/v1)"])
 
@@ -103,10 +107,12 @@ def validation_detail(errors: list[Any]) -> str:
     return "invalid request: " + "; ".join(said)
 
 
-def refusal(flavor: Flavor, exc: ProviderError | NotSupported) -> JSON:
+def refusal(
+    flavor: Flavor, exc: ProviderError | NotSupported | StorageError, extra: Mapping[str, str] | None = None
+) -> JSON:
     """A provider error or a refused feature, with the status and headers the client's SDK acts on."""
     status = 404 if isinstance(exc, UnknownProvider) else exc.status_code  # the SDKs' NotFoundError
-    headers: dict[str, str] = {}
+    headers = dict(extra or {})
     if isinstance(exc, ProviderError) and exc.retry_after is not None:
         headers["Retry-After"] = exc.retry_after
     if isinstance(exc, NEVER_RETRY):
@@ -117,15 +123,24 @@ def refusal(flavor: Flavor, exc: ProviderError | NotSupported) -> JSON:
 # --- answering: the provider's stream, watched for the client going away ------------------------
 
 
-class Relay(Response):
-    """One exchange answered whole or as events; a client that goes away closes the upstream at once."""
+Items = AsyncGenerator[str | Finish]
 
-    def __init__(self, provider: Provider, exchange: Exchange, flavor: Flavor) -> None:
+
+class Relay(Response):
+    """One exchange answered whole or as events; a client that goes away closes the upstream at once.
+
+    `items` is the provider's stream (`Provider.stream`), or a conversation turn's (`turn_items`).
+    """
+
+    def __init__(
+        self, items: Items, exchange: Exchange, flavor: Flavor, headers: Mapping[str, str] | None = None
+    ) -> None:
         # Not Response.__init__: the status and headers are known only once the provider has answered.
         self.background = None
-        self.provider = provider
+        self.source = items
         self.exchange = exchange
         self.flavor = flavor
+        self.extra = dict(headers or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as group:
@@ -140,8 +155,8 @@ class Relay(Response):
             pass
         scope.cancel()  # cancels the read from the provider, which closes its connection
 
-    def items(self) -> contextlib.aclosing[AsyncGenerator[str | Finish]]:
-        return contextlib.aclosing(self.provider.stream(self.exchange.request))
+    def items(self) -> contextlib.aclosing[Items]:
+        return contextlib.aclosing(self.source)
 
     async def whole(self, scope: Scope, receive: Receive, send: Send) -> None:
         parts: list[str] = []
@@ -154,10 +169,10 @@ class Relay(Response):
                     else:
                         finish = item
         except ProviderError as exc:
-            response: Response = refusal(self.flavor, exc)
+            response: Response = refusal(self.flavor, exc, self.extra)
         else:
             encode = anthropic_whole if self.flavor == "anthropic" else openai_whole
-            response = JSON(encode(self.exchange, "".join(parts), finish))
+            response = JSON(encode(self.exchange, "".join(parts), finish), headers=self.extra)
         await response(scope, receive, send)
 
     async def stream(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -166,9 +181,10 @@ class Relay(Response):
             try:  # an error before the first token is an HTTP error, which the SDKs map to a class
                 item = await anext(items)
             except ProviderError as exc:
-                await refusal(self.flavor, exc)(scope, receive, send)
+                await refusal(self.flavor, exc, self.extra)(scope, receive, send)
                 return
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            headers = SSE_HEADERS + [(k.lower().encode(), v.encode()) for k, v in self.extra.items()]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             parts: list[str] = []
             body = events.head()
             try:
@@ -185,6 +201,57 @@ class Relay(Response):
         await send({"type": "http.response.body", "body": end, "more_body": False})
 
 
+# --- X-Conversation-Id: the exchange kept in a conversation, through chat.py's turn API ----------
+
+
+async def remember(request: Request, exchange: Exchange, conversation: str) -> tuple[Items, str]:
+    """Append the newest user message (and, once it ends, the reply) to a conversation, or to a new
+    one for `new`; the history the client resends is not stored again, but is what the model sees."""
+    texts = [m.content for m in exchange.request.messages if m.role == "user"]
+    if not texts:
+        raise NotSupported("a conversation turn without a user message is")
+    turn = await chat.begin_turn(
+        request.app.state.store,
+        request.app.state.providers,
+        request.app.state.turns,
+        conversation_id=None if conversation == "new" else conversation,
+        text=texts[-1],
+        options=chat.TurnOptions(
+            exchange.model, exchange.request.system, exchange.request.temperature, exchange.request.max_tokens
+        ),
+        default_model=request.app.state.default_model,
+    )
+    turn.request = replace(exchange.request, model=turn.request.model)
+    return turn_items(turn), turn.conversation_id
+
+
+async def turn_items(turn: chat.Turn) -> Items:
+    """A turn's reply as a provider stream; closing it early saves the reply as `incomplete`."""
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def emit(text: str | None) -> None:
+        if text is not None:
+            queue.put_nowait(text)
+
+    run = asyncio.ensure_future(turn.run(emit))
+    run.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        while (text := await queue.get()) is not None:
+            yield text
+        await run
+    except StorageError as exc:
+        failed = ProviderError(exc.detail)
+        failed.status_code, failed.type = exc.status_code, exc.type
+        raise failed from exc
+    finally:
+        run.cancel()  # the turn saves what it has, shielded from this cancellation
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([run])
+    if turn.error is not None:
+        raise turn.error
+    yield turn.finish or Finish(reason=None)
+
+
 # --- routes -------------------------------------------------------------------------------------
 
 
@@ -192,24 +259,32 @@ def model_ids(table: ProviderTable) -> list[str]:
     return [f"{p.name}/{m}" for p in table.values() if p.configured for m in p.models_now()]
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: OpenAIChatIn, table: TableDep) -> Response:
-    """OpenAI Chat Completions (text only): whole, or streamed as `chat.completion.chunk` events."""
+async def answer(
+    request: Request, table: ProviderTable, flavor: Flavor, model: str, translate: Callable[[str], Exchange]
+) -> Response:
+    """Resolve the model, translate the request, and relay the provider's reply (or a refusal)."""
     try:
-        provider, upstream_model = resolve(table, body.model)
-        return Relay(provider, openai_exchange(body, upstream_model), "openai")
-    except (ProviderError, NotSupported) as exc:
-        return refusal("openai", exc)
+        provider, upstream_model = resolve(table, model)
+        exchange = translate(upstream_model)
+        conversation = request.headers.get(CONVERSATION_HEADER)
+        if conversation is not None:
+            items, conversation_id = await remember(request, exchange, conversation)
+            return Relay(items, exchange, flavor, {CONVERSATION_HEADER: conversation_id})
+        return Relay(provider.stream(exchange.request), exchange, flavor)
+    except (ProviderError, NotSupported, StorageError) as exc:
+        return refusal(flavor, exc)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: OpenAIChatIn, table: TableDep, request: Request) -> Response:
+    """OpenAI Chat Completions (text only): whole, or streamed as `chat.completion.chunk` events."""
+    return await answer(request, table, "openai", body.model, lambda m: openai_exchange(body, m))
 
 
 @router.post("/messages")
-async def messages(body: AnthropicMessagesIn, table: TableDep) -> Response:
+async def messages(body: AnthropicMessagesIn, table: TableDep, request: Request) -> Response:
     """Anthropic Messages (text only): whole, or streamed as Anthropic's events."""
-    try:
-        provider, upstream_model = resolve(table, body.model)
-        return Relay(provider, anthropic_exchange(body, upstream_model), "anthropic")
-    except (ProviderError, NotSupported) as exc:
-        return refusal("anthropic", exc)
+    return await answer(request, table, "anthropic", body.model, lambda m: anthropic_exchange(body, m))
 
 
 @router.post("/messages/count_tokens")

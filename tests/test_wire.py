@@ -526,3 +526,79 @@ def test_llm_chats_through_it(url: str, upstream: FakeUpstream, tmp_path: Path) 
         "You said: hello there",
         "and again",
     ]
+
+
+# --- X-Conversation-Id --------------------------------------------------------------------------
+
+
+def saved_messages(url: str, conversation_id: str) -> list[tuple[str, str, str | None]]:
+    response = httpx2.get(f"{url}/api/conversations/{conversation_id}")
+    assert response.status_code == 200, response.text
+    return [(m["role"], m["content"], m.get("status")) for m in response.json()["messages"]]
+
+
+def test_a_conversation_keeps_the_newest_message_and_the_reply_once(
+    url: str, upstream: FakeUpstream, oai: OAI, ant: ANT
+) -> None:
+    first = oai(url).chat.completions.with_raw_response.create(
+        model="openai/fake-gpt-1",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-Conversation-Id": "new"},
+    )
+    conversation_id = first.headers["x-conversation-id"]
+    assert first.parse().choices[0].message.content == "You said: hi"
+    history: Any = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "You said: hi"},
+        {"role": "user", "content": "more"},
+    ]
+    with ant(url).messages.stream(
+        model="anthropic/claude-fake-1",
+        max_tokens=20,
+        messages=history,
+        extra_headers={"X-Conversation-Id": conversation_id},
+    ) as stream:
+        assert stream.response.headers["x-conversation-id"] == conversation_id
+        assert stream.get_final_text() == "You said: more"
+    assert saved_messages(url, conversation_id) == [
+        ("user", "hi", None),
+        ("assistant", "You said: hi", "complete"),
+        ("user", "more", None),
+        ("assistant", "You said: more", "complete"),
+    ]
+    assert [m["content"] for m in upstream.requests[1].body["messages"]] == ["hi", "You said: hi", "more"]
+
+
+def test_a_conversation_that_does_not_exist_is_not_found(url: str, upstream: FakeUpstream, oai: OAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai(url).chat.completions.create(
+            model="openai/fake-gpt-1",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"X-Conversation-Id": "0" * 32},
+        )
+    assert caught.value.code == "conversation_not_found"
+    assert upstream.requests == []
+
+
+def test_a_remembered_stream_abandoned_by_the_client_is_saved_as_incomplete(
+    url: str, upstream: FakeUpstream, oai: OAI
+) -> None:
+    upstream.script(Reply(text=" ".join(["word"] * 200), chunk_delay=0.05))
+    response = oai(url).chat.completions.with_streaming_response.create(
+        model="openai/fake-gpt-1",
+        messages=[{"role": "user", "content": "long"}],
+        stream=True,
+        extra_headers={"X-Conversation-Id": "new"},
+    )
+    with response as raw:
+        conversation_id = raw.headers["x-conversation-id"]
+        for seen, _ in enumerate(raw.parse()):
+            if seen == 3:
+                break
+    assert upstream.wait_closed(0, timeout=30) is not None
+    deadline = time.monotonic() + 30
+    while (saved := saved_messages(url, conversation_id))[-1][1] == "":  # the placeholder until the save
+        assert time.monotonic() < deadline, saved
+        time.sleep(0.05)
+    assert saved[0] == ("user", "long", None)
+    assert saved[1][1].startswith("word word") and saved[1][2] == "incomplete"
