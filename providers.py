@@ -289,6 +289,10 @@ class Provider:
     def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
         raise NotImplementedError
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """The provider's own count of a request's input tokens; None where it offers none."""
+        return None
+
     def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:
         raise NotImplementedError
 
@@ -487,6 +491,17 @@ class Anthropic(Provider):
             stream=True,
             **options,
         )
+
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        client = await self.client()
+        options = {"system": request.system} if request.system else {}
+        try:
+            counted = await client.messages.count_tokens(
+                model=request.model, messages=alternating(request.messages), **options
+            )
+        except Exception as exc:
+            raise self.translate(exc, request.model) from exc
+        return int(counted.input_tokens)
 
     async def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:
         finish = Finish(reason=None)

@@ -289,13 +289,14 @@ async def messages(body: AnthropicMessagesIn, table: TableDep, request: Request)
 
 @router.post("/messages/count_tokens")
 async def count_tokens(body: CountTokensIn, table: TableDep) -> Response:
-    """`{"input_tokens": n}` for a Messages request, by the project's token estimate."""
+    """`{"input_tokens": n}` for a Messages request: the provider's count, else the project's estimate."""
     try:
-        _, upstream_model = resolve(table, body.model)
+        provider, upstream_model = resolve(table, body.model)
         request = anthropic_request(body, upstream_model)
+        counted = await provider.count_tokens(request)
     except (ProviderError, NotSupported) as exc:
         return refusal("anthropic", exc)
-    return JSON({"input_tokens": prompt_estimate(request)})
+    return JSON({"input_tokens": prompt_estimate(request) if counted is None else counted})
 
 
 @router.get("/models")

@@ -716,9 +716,14 @@ class FakeUpstream:
         return keep and keep_alive and not conn.gone
 
     async def _dispatch(self, conn: _Conn, rec: RecordedRequest, raw: bytes, keep_alive: bool) -> bool:
-        anthropic = rec.path == "/v1/messages" or "anthropic-version" in rec.headers
+        anthropic = rec.path.startswith("/v1/messages") or "anthropic-version" in rec.headers
         route = (rec.method, rec.path)
-        known = route in {("POST", "/v1/chat/completions"), ("POST", "/v1/messages"), ("GET", "/v1/models")}
+        known = route in {
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/messages"),
+            ("POST", "/v1/messages/count_tokens"),
+            ("GET", "/v1/models"),
+        }
         if not known:
             msg = f"Unknown request URL: {rec.method} {rec.path}."
             err = (
@@ -757,6 +762,12 @@ class FakeUpstream:
             err = _anthropic_error(400, message=msg) if anthropic else _openai_error(400, message=msg)
             return await self._write_json(conn, 400, err, self._id_headers(anthropic), keep_alive)
         body: dict[str, Any] = rec.body if isinstance(rec.body, dict) else {}
+        if rec.path == "/v1/messages/count_tokens":
+            if "missing" in str(body.get("model")):
+                missing = _anthropic_error(404, "not_found_error", f"model: {body.get('model')}")
+                return await self._write_json(conn, 404, missing, self._id_headers(True), keep_alive)
+            counted = {"input_tokens": _count_words(body)}  # a stand-in for Anthropic's tokenizer
+            return await self._write_json(conn, 200, counted, self._id_headers(True), keep_alive)
         if rec.path == "/v1/messages":
             return await self._anthropic_messages(conn, body, keep_alive)
         return await self._openai_chat(conn, body, keep_alive)

@@ -407,14 +407,22 @@ def test_anthropic_errors_map_to_the_sdk_exception_classes(
     assert overloaded.value.status_code == 502 and isinstance(overloaded.value, anthropic.InternalServerError)
 
 
-def test_count_tokens_is_the_projects_estimate(url: str, upstream: FakeUpstream, ant: ANT) -> None:
-    counted = ant(url).messages.count_tokens(
-        model="anthropic/claude-fake-1",
-        system="You are terse.",
-        messages=[{"role": "user", "content": "How many tokens is this sentence?"}],
-    )
-    assert counted.input_tokens == estimate_messages(["You are terse.", "How many tokens is this sentence?"])
+def test_count_tokens_is_anthropics_count_or_the_projects_estimate(
+    url: str, upstream: FakeUpstream, ant: ANT
+) -> None:
+    system = "You are terse."
+    messages: Any = [{"role": "user", "content": "How many tokens is this sentence?"}]
+    local = ant(url).messages.count_tokens(model="ollama/fake-gpt-1", system=system, messages=messages)
+    assert local.input_tokens == estimate_messages([system, messages[0]["content"]])
     assert upstream.requests == []
+    counted = ant(url).messages.count_tokens(
+        model="anthropic/claude-fake-1", system=system, messages=messages
+    )
+    assert upstream.requests[0].path == "/v1/messages/count_tokens"
+    assert upstream.requests[0].body["model"] == "claude-fake-1"
+    assert counted.input_tokens == 9  # the fake counts words: 3 in the system prompt, 6 in the message
+    with pytest.raises(anthropic.NotFoundError):
+        ant(url).messages.count_tokens(model="anthropic/missing-model", messages=messages)
 
 
 # --- errors from the service itself, auth, models -----------------------------------------------
