@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 import anyio
+import anyio.abc
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -145,8 +146,10 @@ class Relay(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(self.watch, receive, group.cancel_scope)
-            answer = self.stream if self.exchange.stream else self.whole
-            await answer(scope, receive, send)
+            if self.exchange.stream:
+                await self.stream(scope, receive, send, group)
+            else:
+                await self.whole(scope, receive, send)
             group.cancel_scope.cancel()
 
     @staticmethod
@@ -175,30 +178,60 @@ class Relay(Response):
             response = JSON(encode(self.exchange, "".join(parts), finish), headers=self.extra)
         await response(scope, receive, send)
 
-    async def stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def stream(self, scope: Scope, receive: Receive, send: Send, group: anyio.abc.TaskGroup) -> None:
         events = AnthropicEvents(self.exchange) if self.flavor == "anthropic" else OpenAIEvents(self.exchange)
-        async with self.items() as items:
-            try:  # an error before the first token is an HTTP error, which the SDKs map to a class
-                item = await anext(items)
-            except ProviderError as exc:
-                await refusal(self.flavor, exc, self.extra)(scope, receive, send)
-                return
-            headers = SSE_HEADERS + [(k.lower().encode(), v.encode()) for k, v in self.extra.items()]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            parts: list[str] = []
-            body = events.head()
-            try:
-                while not isinstance(item, Finish):
+        inbox = Inbox()
+        group.start_soon(self.pump, inbox)
+        batch = await inbox.take()
+        if isinstance(batch[0], ProviderError):  # before the first token: an HTTP error the SDKs map
+            await refusal(self.flavor, batch[0], self.extra)(scope, receive, send)
+            return
+        headers = SSE_HEADERS + [(k.lower().encode(), v.encode()) for k, v in self.extra.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        parts: list[str] = []
+        body = [events.head()]
+        while True:
+            for item in batch:
+                if isinstance(item, str):
                     parts.append(item)
-                    await send(
-                        {"type": "http.response.body", "body": body + events.delta(item), "more_body": True}
-                    )
-                    body = b""
-                    item = await anext(items)
-                end = body + events.tail(item, "".join(parts))
-            except ProviderError as exc:
-                end = body + events.error(exc.status_code, exc.detail, exc.type)
-        await send({"type": "http.response.body", "body": end, "more_body": False})
+                    body.append(events.delta(item))
+                elif isinstance(item, Finish):
+                    body.append(events.tail(item, "".join(parts)))
+                else:
+                    body.append(events.error(item.status_code, item.detail, item.type))
+            ended = not isinstance(batch[-1], str)
+            await send({"type": "http.response.body", "body": b"".join(body), "more_body": not ended})
+            if ended:
+                return
+            body.clear()
+            batch = await inbox.take()
+
+    async def pump(self, inbox: Inbox) -> None:
+        """Read the provider's stream into the inbox; deltas parsed from one read go out in one write."""
+        try:
+            async with self.items() as items:
+                async for item in items:
+                    inbox.put(item)
+        except ProviderError as exc:
+            inbox.put(exc)
+
+
+class Inbox:
+    """What the provider sent since the relay last looked: cheaper than a queue item by item."""
+
+    def __init__(self) -> None:
+        self.items: list[str | Finish | ProviderError] = []
+        self.ready = asyncio.Event()
+
+    def put(self, item: str | Finish | ProviderError) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def take(self) -> list[str | Finish | ProviderError]:
+        await self.ready.wait()
+        self.ready.clear()
+        taken, self.items = self.items, []
+        return taken
 
 
 # --- X-Conversation-Id: the exchange kept in a conversation, through chat.py's turn API ----------
