@@ -54,6 +54,9 @@ class TurnOptions:
     system: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    history: tuple[ChatMessage, ...] | None = None  # sent instead of the stored branch (a /v1 client's own)
 
 
 @dataclass
@@ -139,11 +142,15 @@ def build_request(
         raise NeedWindow(provider, upstream_model)
     system = conversation["system"] if options.system is None else options.system
     params = effective_params(conversation, options)
-    history = [
-        ChatMessage(m["role"], m["content"])
-        for m in storage.branch_to(conversation, parent_id)
-        if m["content"]
-    ]
+    history = (
+        list(options.history)
+        if options.history is not None
+        else [
+            ChatMessage(m["role"], m["content"])
+            for m in storage.branch_to(conversation, parent_id)
+            if m["content"]
+        ]
+    )
     messages, left_out = fit_history(
         [*history, ChatMessage("user", user_text)], system, window, params["max_tokens"]
     )
@@ -153,6 +160,8 @@ def build_request(
         system=system,
         temperature=params["temperature"],
         max_tokens=params["max_tokens"],
+        top_p=options.top_p,
+        stop=options.stop,
     )
     reply = storage.placeholder_reply(model, params)
     if system != conversation["system"]:

@@ -130,6 +130,7 @@ class Guard:
         open_paths: Collection[str],
         open_prefixes: Collection[str] = (),
         body_limits: Mapping[str, tuple[int, str]] | None = None,
+        api_key_prefixes: Collection[str] = (),
         render: RefusalRenderer = render_refusal,
     ) -> None:
         self.app = app
@@ -144,6 +145,7 @@ class Guard:
         self.open_paths = frozenset(open_paths)
         self.open_prefixes = tuple(open_prefixes)
         self.body_limits = dict(body_limits or {})
+        self.api_key_prefixes = tuple(api_key_prefixes)
         self.render = render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -289,15 +291,25 @@ class Guard:
             return Refusal(413, self.too_large(scope["path"], length), "body_too_large")
         if self.token is None or self.is_open(scope["path"]):
             return None
-        scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token):
+        if self.token_ok(scope["path"], headers):
             return None
+        also = " or 'x-api-key: <CHAT_API_TOKEN>'" if scope["path"].startswith(self.api_key_prefixes) else ""
         return Refusal(
             401,
-            "missing or wrong token: send the header 'Authorization: Bearer <CHAT_API_TOKEN>'",
+            f"missing or wrong token: send the header 'Authorization: Bearer <CHAT_API_TOKEN>'{also}",
             "unauthorized",
             {"WWW-Authenticate": "Bearer"},
         )
+
+    def token_ok(self, path: str, headers: Mapping[str, str]) -> bool:
+        """`Authorization: Bearer <token>`; under an `api_key_prefixes` path (`/v1`) also `x-api-key`,
+        the header the anthropic SDK and its clients send."""
+        assert self.token is not None
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token):
+            return True
+        key = headers.get("x-api-key") if path.startswith(self.api_key_prefixes) else None
+        return key is not None and hmac.compare_digest(key.strip().encode(), self.token)
 
     def is_open(self, path: str) -> bool:
         """Open paths (exact) and everything under an open prefix (the docs' and the page's files)."""

@@ -49,7 +49,8 @@ import providers
 import schemas
 import search_index
 import usage
-from guard import Guard, is_loopback, render_refusal
+import wire
+from guard import Guard, is_loopback
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
 from schemas import (
     ChatIn,
@@ -470,7 +471,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         open_paths=OPEN_PATHS,
         open_prefixes=OPEN_PREFIXES,
         body_limits={importing.IMPORT_PATH: (settings.max_import_bytes, "CHAT_MAX_IMPORT_BYTES")},
-        render=render_refusal,
+        api_key_prefixes=(wire.PREFIX + "/",),
+        render=wire.render_refusal,
     )
     if settings.cors_origins:  # added last, so outermost: Guard's refusals carry CORS headers too
         app.add_middleware(
@@ -487,6 +489,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(search_index.router)
     app.include_router(exporting.router)
     app.include_router(chat.router)
+    app.include_router(wire.router)
     add_docs(app, token_required=token is not None)
     return app
 
@@ -531,21 +534,24 @@ def add_docs(app: FastAPI, *, token_required: bool) -> None:
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProviderError)
     async def provider_error(request: Request, exc: ProviderError) -> Response:
+        if wire.serves(request.url.path):
+            return wire.refusal(wire.flavor_of(request.url.path, request.headers), exc)
         return provider_error_response(exc)
 
     @app.exception_handler(usage.LimitReached)
     async def limit_reached(request: Request, exc: usage.LimitReached) -> Response:
-        return error(exc.status_code, exc.detail, exc.type, exc.headers, **exc.extra)
+        path, headers = request.url.path, request.headers
+        return wire.error_for(path, headers, exc.status_code, exc.detail, exc.type, exc.headers, **exc.extra)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
-        return error(exc.status_code, exc.detail, exc.type)
+        return wire.error_for(request.url.path, request.headers, exc.status_code, exc.detail, exc.type)
 
     @app.exception_handler(StorageError)
     async def storage_error(request: Request, exc: StorageError) -> Response:
         if exc.status_code >= 500:
             log.error("storage: %s", exc.detail)
-        return error(exc.status_code, exc.detail, exc.type)
+        return wire.error_for(request.url.path, request.headers, exc.status_code, exc.detail, exc.type)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -556,10 +562,16 @@ def add_error_handlers(app: FastAPI) -> None:
             detail = f"no route {request.method} {request.url.path}; see /docs for the API"
         if exc.status_code == 400:
             detail = unparsable_body(exc.__cause__)
-        return error(exc.status_code, str(detail), kinds.get(exc.status_code, "http_error"), exc.headers)
+        kind = kinds.get(exc.status_code, "http_error")
+        return wire.error_for(
+            request.url.path, request.headers, exc.status_code, str(detail), kind, exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        if wire.serves(request.url.path):
+            detail = wire.validation_detail(list(exc.errors()))
+            return wire.error_for(request.url.path, request.headers, 400, detail, "invalid_request")
         if not json_body(request.headers) and any(tuple(e["loc"])[:1] == ("body",) for e in exc.errors()):
             return error(415, not_json(request.headers.get("content-type")), "unsupported_media_type")
         table: ProviderTable = request.app.state.providers
@@ -569,7 +581,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error(500, "internal error; the server log has the details", "internal_error")
+        detail = "internal error; the server log has the details"
+        return wire.error_for(request.url.path, request.headers, 500, detail, "internal_error")
 
 
 JSON_EXAMPLE = """curl --json '{"message": "Hello"}' localhost:8000/api/chat"""

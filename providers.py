@@ -18,7 +18,7 @@ import math
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,13 +69,16 @@ class ChatRequest:
     system: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()  # stop sequences
 
 
 @dataclass
 class Finish:
-    reason: str | None
+    reason: str | None  # in the provider's own vocabulary ("stop", "end_turn", "length", ...)
     input_tokens: int | None = None
     output_tokens: int | None = None
+    stop_sequence: str | None = None  # which stop sequence ended the reply, where the provider says
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,7 @@ class Provider:
     _models: tuple[float, list[str], str] | None = field(default=None, init=False, repr=False)
     context_tokens: int | None = None  # the server's window as configured (CHAT_SERVERS)
     _windows: dict[str, tuple[float, int | None]] = field(default_factory=dict, init=False, repr=False)
+    _refresh: asyncio.Task[Any] | None = field(default=None, init=False, repr=False)
 
     @property
     def configured(self) -> bool:
@@ -302,13 +306,15 @@ class Provider:
         raise NotImplementedError
 
     async def aclose(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
         if self._client is not None:
             await self._client.close()
             self._client = None
 
     # streaming
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Finish]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Finish]:
         """Text deltas, then one Finish. Raises ProviderError, never an SDK exception.
 
         A connection failure or a 5xx is tried once more, but only while nothing has been yielded:
@@ -356,6 +362,10 @@ class Provider:
 
     def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
         raise NotImplementedError
+
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """The provider's own count of a request's input tokens; None where it offers none."""
+        return None
 
     def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:
         raise NotImplementedError
@@ -414,6 +424,13 @@ class Provider:
 
     async def ask_context_window(self, model: str) -> int | None:
         return None
+
+    def models_now(self) -> list[str]:
+        """The cached listing (or the fallbacks) at once; a stale one is refreshed in the background."""
+        fresh = self._models is not None and self._models[0] > time.monotonic()
+        if not fresh and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self.models())
+        return self._models[1] if self._models is not None else list(self.fallback_models)
 
     # errors
 
@@ -581,6 +598,10 @@ class OpenAICompatible(Provider):
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body[self.max_tokens_field] = request.max_tokens
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.stop:
+            body["stop"] = list(request.stop)
         return body
 
     async def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:
@@ -697,15 +718,29 @@ class Anthropic(Provider):
         options: dict[str, Any] = {}
         if request.system:
             options["system"] = request.system
-        if request.temperature is not None:
-            # The SDK has no temperature argument; the API version decides whether it is accepted.
-            options["extra_body"] = {"temperature": request.temperature}
+        if request.stop:
+            options["stop_sequences"] = list(request.stop)
+        # The SDK has no temperature or top_p arguments; the API version decides whether they are accepted.
+        sampling = {"temperature": request.temperature, "top_p": request.top_p}
+        if extra := {k: v for k, v in sampling.items() if v is not None}:
+            options["extra_body"] = extra
         return {
             "model": request.model,
             "max_tokens": request.max_tokens or self.default_max_tokens,
             "messages": alternating(request.messages),
             **options,
         }
+
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        client = await self.client()
+        options = {"system": request.system} if request.system else {}
+        try:
+            counted = await client.messages.count_tokens(
+                model=request.model, messages=alternating(request.messages), **options
+            )
+        except Exception as exc:
+            raise self.translate(exc, request.model) from exc
+        return int(counted.input_tokens)
 
     async def parse(self, events: AsyncIterator[tuple[bytes, bytes]]) -> AsyncIterator[str | Finish]:
         finish = Finish(reason=None)
@@ -721,6 +756,7 @@ class Anthropic(Provider):
                 self.count(finish, as_dict(event.get("message")).get("usage"))
             elif kind == "message_delta":
                 finish.reason = as_dict(event.get("delta")).get("stop_reason") or finish.reason
+                finish.stop_sequence = as_dict(event.get("delta")).get("stop_sequence")
                 finish.output_tokens = as_dict(event.get("usage")).get("output_tokens", finish.output_tokens)
             elif kind == "message_stop":
                 yield finish

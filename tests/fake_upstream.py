@@ -97,6 +97,9 @@ class Reply:
     """OpenAI streaming: False sends no usage chunk even when asked (as llama-cpp-python does)."""
     model_not_found: bool = False
     """Answer 404 model-not-found in the provider's format."""
+    finish_reason: str | None = None
+    """The finish / stop reason in the provider's vocabulary; default ``stop`` / ``end_turn``. Anthropic's
+    ``stop_sequence`` names the request's first stop sequence."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -747,9 +750,14 @@ class FakeUpstream:
         return keep and keep_alive and not conn.gone
 
     async def _dispatch(self, conn: _Conn, rec: RecordedRequest, raw: bytes, keep_alive: bool) -> bool:
-        anthropic = rec.path == "/v1/messages" or "anthropic-version" in rec.headers
+        anthropic = rec.path.startswith("/v1/messages") or "anthropic-version" in rec.headers
         route = (rec.method, rec.path)
-        known = route in {("POST", "/v1/chat/completions"), ("POST", "/v1/messages"), ("GET", "/v1/models")}
+        known = route in {
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/messages"),
+            ("POST", "/v1/messages/count_tokens"),
+            ("GET", "/v1/models"),
+        }
         if not known:
             msg = f"Unknown request URL: {rec.method} {rec.path}."
             err = (
@@ -788,6 +796,12 @@ class FakeUpstream:
             err = _anthropic_error(400, message=msg) if anthropic else _openai_error(400, message=msg)
             return await self._write_json(conn, 400, err, self._id_headers(anthropic), keep_alive)
         body: dict[str, Any] = rec.body if isinstance(rec.body, dict) else {}
+        if rec.path == "/v1/messages/count_tokens":
+            if "missing" in str(body.get("model")):
+                missing = _anthropic_error(404, "not_found_error", f"model: {body.get('model')}")
+                return await self._write_json(conn, 404, missing, self._id_headers(True), keep_alive)
+            counted = {"input_tokens": _count_words(body)}  # a stand-in for Anthropic's tokenizer
+            return await self._write_json(conn, 200, counted, self._id_headers(True), keep_alive)
         if rec.path == "/v1/messages":
             return await self._anthropic_messages(conn, body, keep_alive)
         return await self._openai_chat(conn, body, keep_alive)
@@ -902,7 +916,7 @@ class FakeUpstream:
                         "index": 0,
                         "message": {"role": "assistant", "content": text, "refusal": None},
                         "logprobs": None,
-                        "finish_reason": "stop",
+                        "finish_reason": reply.finish_reason or "stop",
                     }
                 ],
                 "usage": usage,
@@ -941,7 +955,11 @@ class FakeUpstream:
         )
         prefix, _, suffix = template.partition(_dumps(marker))
         deltas = [prefix + _dumps(p) + suffix for p in pieces]
-        tail = [event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}])]
+        tail = [
+            event(
+                [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason or "stop"}]
+            )
+        ]
         if include_usage and reply.send_usage:
             tail.append(event([], usage=usage))
         tail.append(b"data: [DONE]\n\n")
@@ -995,6 +1013,9 @@ class FakeUpstream:
         pieces = split_text(text, reply.chunks)
         input_tokens, output_tokens = reply.usage or (_count_words(body), len(pieces))
         mid = f"msg_fake{next(self._ids):016d}"
+        reason = reply.finish_reason or "end_turn"
+        sequences = body.get("stop_sequences") or [None]
+        stop = {"stop_reason": reason, "stop_sequence": sequences[0] if reason == "stop_sequence" else None}
 
         if body.get("stream") is not True:
             if reply.mode == "midstream_error":
@@ -1006,8 +1027,7 @@ class FakeUpstream:
                 "role": "assistant",
                 "model": model,
                 "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn",
-                "stop_sequence": None,
+                **stop,
                 "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
             }
             return await self._non_stream(conn, reply, _dumps(obj), headers, keep_alive)
@@ -1044,7 +1064,7 @@ class FakeUpstream:
                 "message_delta",
                 {
                     "type": "message_delta",
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "delta": stop,
                     "usage": {"output_tokens": output_tokens},
                 },
             ),

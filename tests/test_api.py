@@ -618,7 +618,7 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         success = [code for code in operation["responses"] if code.startswith("2")]
         assert success, (path, method)
         for code in success:
-            if code != "204":
+            if code != "204" and path.startswith("/api/"):  # /v1 answers in OpenAI's and Anthropic's shapes
                 content = operation["responses"][code]["content"]
                 assert any(media.get("schema") for media in content.values()), (path, method, code)
         if path.startswith("/api/"):  # /v1 answers errors in the OpenAI and Anthropic shapes

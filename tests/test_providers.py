@@ -367,7 +367,7 @@ def test_closing_the_stream_early_closes_the_upstream_connection(kind: str, upst
             seen += isinstance(item, str)
             if seen == 2:
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         closed_at = time.monotonic()
         await provider.aclose()
         return closed_at
