@@ -84,10 +84,10 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,39}$"
 BUILTIN_PROVIDERS = ("openai", "anthropic", "ollama")
 FALLBACK_MODELS = {
     "openai": ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "o4-mini"),
-    "anthropic": ("claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"),
+    "anthropic": ("claude-sonnet-4-6", "claude-opus-4-6", "claude-haiku-4-5"),
     "ollama": ("llama3.2", "qwen2.5", "mistral"),
 }
-DEFAULT_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5", "ollama": "llama3.2"}
+DEFAULT_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-6", "ollama": "llama3.2"}
 
 
 # --- settings -----------------------------------------------------------------------------------

@@ -546,7 +546,7 @@ def test_models_lists_upstream_models_and_falls_back(
 
 def test_default_model_is_picked_from_configured_providers(make_client: Callable[..., TestClient]) -> None:
     only_anthropic = make_client(OPENAI_API_KEY=None, CHAT_DEFAULT_MODEL=None)
-    assert only_anthropic.get("/api/models").json()["default_model"] == "anthropic/claude-sonnet-4-5"
+    assert only_anthropic.get("/api/models").json()["default_model"] == "anthropic/claude-sonnet-4-6"
     nothing = make_client(
         OPENAI_API_KEY=None,
         ANTHROPIC_API_KEY=None,

@@ -462,7 +462,7 @@ def test_models_answer_at_once_then_from_the_refreshed_listing(
     url: str, upstream: FakeUpstream, oai: OAI, ant: ANT
 ) -> None:
     first = [m.id for m in oai(url).models.list()]
-    assert "openai/gpt-4o-mini" in first and "anthropic/claude-sonnet-4-5" in first  # the fallbacks
+    assert "openai/gpt-4o-mini" in first and "anthropic/claude-sonnet-4-6" in first  # the fallbacks
     deadline = time.monotonic() + 30
     refreshed = {"openai/fake-gpt-1", "openai/fake-gpt-2", "lmstudio/fake-gpt-1", "anthropic/claude-fake-1"}
     while not refreshed <= set(ids := [m.id for m in oai(url).models.list()]):  # each provider in its time
