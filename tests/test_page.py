@@ -3,6 +3,7 @@ on a loopback port, with the fake upstream standing in for the providers."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -101,6 +102,7 @@ class App:
     http: httpx2.Client
     upstream: FakeUpstream
     context: Any
+    data_dir: Path
 
     def goto(self, fragment: str = "", *, ready: bool = True) -> None:
         self.page.goto(self.served.url + "/" + fragment)
@@ -121,6 +123,13 @@ class App:
         items: list[dict[str, Any]] = self.http.get("/api/conversations").json()["items"]
         return items
 
+    def on_disk(self, conversation_id: str) -> dict[str, Any]:
+        """The conversation's file itself: every message of every branch, as stored."""
+        stored: dict[str, Any] = json.loads(
+            (self.data_dir / "conversations" / f"{conversation_id}.json").read_text()
+        )
+        return stored
+
 
 @pytest.fixture
 def open_app(browser: Browser, upstream: FakeUpstream, data_dir: Path) -> Iterator[Callable[..., App]]:
@@ -136,7 +145,7 @@ def open_app(browser: Browser, upstream: FakeUpstream, data_dir: Path) -> Iterat
         manager = browser_context(browser, served.url, **options)
         context, watch = manager.__enter__()
         opened.append((served, manager, http))
-        return App(served, context.new_page(), watch, http, upstream, context)
+        return App(served, context.new_page(), watch, http, upstream, context, data_dir)
 
     yield open_
     for served, manager, http in reversed(opened):
@@ -341,6 +350,119 @@ def test_each_error_type_gets_a_clear_message(app: App, reply: Reply, expected: 
     expect(notice).to_contain_text(re.compile(expected))
     expect(app.page.locator("#send")).to_be_visible()
     expect(app.page.locator("#messages .msg.assistant .msg-error")).to_have_count(1)
+
+
+# --- branches: regenerate, edit, versions ---------------------------------------------------------
+
+
+def chat_requests(app: App) -> list[Any]:
+    """What reached the upstream as a chat (the model listings left out)."""
+    return [r for r in app.upstream.requests if r.method == "POST"]
+
+
+def test_regenerate_and_switch_versions_with_the_arrows(app: App) -> None:
+    page = app.page
+    app.upstream.script(Reply(text="The first answer."), Reply(text="The second answer."))
+    app.send("a question worth two answers")
+    app.wait_reply_done()
+    reply = page.locator("#messages .msg.assistant")
+    expect(reply.locator(".content")).to_have_text("The first answer.")
+    expect(reply.locator(".versions")).to_have_count(0)  # one version: no arrows
+    reply.get_by_role("button", name="Regenerate").click()
+    expect(reply.locator(".content")).to_have_text("The second answer.")
+    app.wait_reply_done()
+    expect(reply.locator(".version-label")).to_have_text("2 / 2")
+    expect(reply.get_by_role("button", name="Next version")).to_be_disabled()
+    expect(page.locator("#messages .msg")).to_have_count(2)
+    # both versions are on disk, siblings under the same question
+    (item,) = app.conversations()
+    stored = app.on_disk(item["id"])
+    answers = [m for m in stored["messages"] if m["role"] == "assistant"]
+    assert [m["content"] for m in answers] == ["The first answer.", "The second answer."]
+    assert answers[0]["parent_id"] == answers[1]["parent_id"] is not None
+    assert stored["current_id"] == answers[1]["id"]
+    # the arrows switch what is shown, and the choice is stored
+    reply.get_by_role("button", name="Previous version").click()
+    expect(reply.locator(".version-label")).to_have_text("1 / 2")
+    expect(reply.locator(".content")).to_have_text("The first answer.")
+    expect(reply.get_by_role("button", name="Previous version")).to_be_disabled()
+    assert app.on_disk(item["id"])["current_id"] == answers[0]["id"]
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(reply.locator(".content")).to_have_text("The first answer.")
+    reply.get_by_role("button", name="Next version").click()
+    expect(reply.locator(".version-label")).to_have_text("2 / 2")
+    expect(reply.locator(".content")).to_have_text("The second answer.")
+    assert app.on_disk(item["id"])["current_id"] == answers[1]["id"]
+    assert len(chat_requests(app)) == 2
+    app.watch.assert_clean()
+
+
+def test_edit_a_question_into_a_new_branch(app: App) -> None:
+    page = app.page
+    app.send("the original question")
+    app.wait_reply_done()
+    app.send("a follow-up")
+    app.wait_reply_done(2)
+    first = page.locator("#messages .msg.user").first
+    first.get_by_role("button", name="Edit").click()
+    editor = first.get_by_role("textbox", name="Edit message")
+    expect(editor).to_have_value("the original question")
+    editor.fill("the edited question")
+    editor.press("Enter")
+    expect(page.locator("#messages .msg.assistant .content")).to_have_text(["You said: the edited question"])
+    app.wait_reply_done()
+    expect(page.locator("#messages .msg")).to_have_count(2)
+    question = page.locator("#messages .msg.user")
+    expect(question.locator(".content")).to_have_text("the edited question")
+    expect(question.locator(".version-label")).to_have_text("2 / 2")
+    # on disk: the old branch is intact beside the new one
+    (item,) = app.conversations()
+    stored = app.on_disk(item["id"])
+    by_id = {m["id"]: m for m in stored["messages"]}
+    contents = [m["content"] for m in stored["messages"]]
+    assert contents == [
+        "the original question",
+        "You said: the original question",
+        "a follow-up",
+        "You said: a follow-up",
+        "the edited question",
+        "You said: the edited question",
+    ]
+    old, new = stored["messages"][0], stored["messages"][4]
+    assert old["parent_id"] == new["parent_id"]
+    assert by_id[stored["current_id"]]["content"] == "You said: the edited question"
+    # back to the old branch: all of it is shown again
+    question.get_by_role("button", name="Previous version").click()
+    expect(page.locator("#messages .msg .content")).to_have_text(
+        ["the original question", "You said: the original question", "a follow-up", "You said: a follow-up"]
+    )
+    expect(page.locator("#messages .msg.user").first.locator(".version-label")).to_have_text("1 / 2")
+    assert app.on_disk(item["id"])["current_id"] == stored["messages"][3]["id"]
+    app.watch.assert_clean()
+
+
+def test_a_reload_mid_reply_reattaches_and_the_reply_completes(app: App) -> None:
+    words = " ".join(f"w{i}" for i in range(150))
+    app.upstream.script(Reply(text=words, chunk_delay=0.05))
+    app.send("a long one to survive a reload")
+    reply = app.page.locator("#messages .msg.assistant")
+    expect(reply.locator(".content")).to_contain_text("w3")
+    expect(app.page).to_have_url(re.compile(r"#c=[0-9a-f]{32}$"))
+    with app.page.expect_request(re.compile(r"/messages/[0-9a-f]{32}/stream$")) as reattached:
+        app.page.reload()
+    assert reattached.value.method == "GET"
+    expect(app.page.locator("body")).to_have_attribute("data-ready", "true")
+    # the page re-attached to the reply still being written and shows it to the end
+    expect(reply.locator(".content")).to_have_text(words)
+    app.wait_reply_done()
+    expect(reply.locator(".meta")).not_to_contain_text("incomplete")
+    (item,) = app.conversations()
+    saved = app.on_disk(item["id"])["messages"][-1]
+    assert saved["content"] == words and saved["status"] == "complete"
+    (asked,) = chat_requests(app)  # re-attached, not asked again
+    assert asked.closed_at is not None
+    assert app.watch.page_errors == [] and app.watch.foreign_requests == []
 
 
 # --- the side list ------------------------------------------------------------------------------
