@@ -465,6 +465,56 @@ def test_a_reload_mid_reply_reattaches_and_the_reply_completes(app: App) -> None
     assert app.watch.page_errors == [] and app.watch.foreign_requests == []
 
 
+# --- search, import, export -----------------------------------------------------------------------
+
+SEARCH_PAYLOAD = "Where do <b>zebras</b> sleep? <img src=x onerror=\"window.__xss='search'\">"
+
+
+def chat_turn(app: App, message: str, conversation_id: str | None = None) -> str:
+    """One turn through the API (not the page): returns the conversation id."""
+    body: dict[str, Any] = {"message": message, "stream": False}
+    if conversation_id:
+        body["conversation_id"] = conversation_id
+    response = app.http.post("/api/chat", json=body)
+    assert response.status_code == 200, response.text
+    found: str = response.json()["conversation_id"]
+    return found
+
+
+def test_search_opens_the_conversation_at_the_message(open_app: Callable[..., App]) -> None:
+    app = open_app(viewport={"width": 1000, "height": 600})
+    other = chat_turn(app, "nothing to find here")
+    target = chat_turn(app, "filler 0 " + "lorem ipsum " * 60)
+    for n in range(1, 4):
+        chat_turn(app, f"filler {n} " + "lorem ipsum " * 60, target)
+    chat_turn(app, SEARCH_PAYLOAD, target)
+    for n in range(4, 9):
+        chat_turn(app, f"filler {n} " + "lorem ipsum " * 60, target)
+    hits = app.http.get("/api/search", params={"q": "zebras"}).json()["items"]
+    assert {h["conversation_id"] for h in hits} == {target} and hits[0]["message_id"]
+    app.goto(f"#c={other}")
+    page = app.page
+    page.locator("#search").fill("zebras")
+    results = page.locator("#search-results .hit")
+    expect(results).to_have_count(len(hits))
+    expect(page.locator("#conversations")).to_be_hidden()
+    first = results.first
+    expect(first.locator("mark").first).to_have_text(re.compile("^zebras$", re.IGNORECASE))
+    expect(first.locator(".snippet")).to_contain_text("<b>zebras</b>")  # the markup is shown as text
+    assert page.locator("#search-results b, #search-results img").count() == 0
+    first.click()
+    expect(page).to_have_url(re.compile(f"#c={target}$"))
+    expect(page.locator("#messages .msg")).to_have_count(20)
+    message = page.locator(f"#m-{hits[0]['message_id']}")
+    expect(message).to_have_class(re.compile(r"\bflash\b"))
+    expect(message).to_be_in_viewport()
+    expect(page.locator("#messages .msg").last).not_to_be_in_viewport()  # not simply scrolled to the end
+    expect(message.locator(".content")).to_contain_text("<b>zebras</b>")
+    assert page.locator("#messages img, #messages b").count() == 0
+    assert page.evaluate("window.__xss") is None
+    app.watch.assert_clean()
+
+
 # --- the side list ------------------------------------------------------------------------------
 
 
