@@ -20,6 +20,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import main
 import page as page_module
+from tests import exports
 from tests.browser import CHROMIUM_ARGS, Served, Watch, browser_context, chromium_path
 from tests.conftest import TOKEN, settings_for
 from tests.fake_upstream import FakeUpstream, Reply
@@ -511,6 +512,52 @@ def test_search_opens_the_conversation_at_the_message(open_app: Callable[..., Ap
     expect(page.locator("#messages .msg").last).not_to_be_in_viewport()  # not simply scrolled to the end
     expect(message.locator(".content")).to_contain_text("<b>zebras</b>")
     assert page.locator("#messages img, #messages b").count() == 0
+    assert page.evaluate("window.__xss") is None
+    app.watch.assert_clean()
+
+
+def test_import_a_chatgpt_export_and_open_its_conversations(app: App) -> None:
+    rich = exports.chatgpt_rich()
+    evil = exports.ChatGPTConversation(exports.uid(1, "xss"), title=XSS_TITLE)
+    question = evil.add(
+        "client-created-root", "user", exports.text("<script>window.__xss='question'</script>")
+    )
+    evil.add(question, "assistant", exports.text(XSS_REPLY))
+    payload = exports.dumps([rich, evil.doc()])
+    page = app.page
+    page.locator("#import-file").set_input_files(
+        {"name": "conversations.json", "mimeType": "application/json", "buffer": payload}
+    )
+    report = page.locator("#report-dialog")
+    expect(report).to_be_visible()
+    expect(report.locator("#report p").first).to_have_text("Imported 2 conversations, skipped 0.")
+    expect(report).to_contain_text("Left out (no place for them here)")
+    links = report.locator(".report-imported a")
+    expect(links).to_have_count(2)
+    expect(links.first).to_contain_text("Sorting in Python")
+    expect(page.locator("#conversations a")).to_have_count(2)
+    # open one from the report: the branch the export had current is shown
+    links.first.click()
+    expect(report).to_be_hidden()
+    expect(page.locator("#title")).to_have_text("Sorting in Python")
+    conversation_id = page.url.rsplit("#c=", 1)[1]
+    shown = app.http.get(f"/api/conversations/{conversation_id}").json()["messages"]
+    assert len(shown) >= 2
+    expect(page.locator("#messages .msg")).to_have_count(len(shown))
+    expect(page.locator("#messages .msg.user .content").first).to_have_text(shown[0]["content"])
+    # the one with a hostile title and text: shown as text, nothing runs, nothing loads
+    page.locator("#conversations a", has_text=XSS_TITLE).click()
+    expect(page.locator("#title")).to_have_text(XSS_TITLE)
+    expect(page.locator("#messages .msg.user .content")).to_have_text(
+        "<script>window.__xss='question'</script>"
+    )
+    content = page.locator("#messages .msg.assistant .content")
+    expect(content).to_contain_text("ok link")
+    for tag in ("script", "img", "svg", "iframe", "style"):
+        assert content.locator(tag).count() == 0, tag
+    assert page.locator("body script:not([src]), body img, body iframe").count() == 0
+    for link in content.locator("a").all():
+        assert not (link.get_attribute("href") or "").lower().startswith("javascript")
     assert page.evaluate("window.__xss") is None
     app.watch.assert_clean()
 
