@@ -562,6 +562,38 @@ def test_import_a_chatgpt_export_and_open_its_conversations(app: App) -> None:
     app.watch.assert_clean()
 
 
+def test_export_one_conversation_as_markdown_and_json(app: App) -> None:
+    page = app.page
+    app.send("Plans for Zürich: <b>trains</b>")
+    app.wait_reply_done()
+    (item,) = app.conversations()
+    page.locator("#export-one").click()
+    dialog = page.locator("#export-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#export-title")).to_have_text("Export this conversation")
+    with page.expect_download() as markdown_download:
+        page.locator("#export-markdown").click()
+    expect(dialog).to_be_hidden()
+    markdown = markdown_download.value
+    # the exact UTF-8 name from Content-Disposition's filename*, not its ASCII fallback
+    assert markdown.suggested_filename.startswith("Plans for Zürich")
+    assert markdown.suggested_filename.endswith(f" - {item['id'][:8]}.md")
+    text = Path(markdown.path()).read_text(encoding="utf-8")
+    assert "Plans for Zürich: <b>trains</b>" in text and "You said: Plans for Zürich" in text
+    # JSON: the file exactly as stored, every branch
+    page.locator("#export-one").click()
+    with page.expect_download() as json_download:
+        page.locator("#export-json").click()
+    assert json_download.value.suggested_filename.endswith(f"{item['id'][:8]}.json")
+    exported = Path(json_download.value.path()).read_bytes()
+    assert exported == (app.data_dir / "conversations" / f"{item['id']}.json").read_bytes()
+    # cancel downloads nothing
+    page.locator("#export-one").click()
+    page.locator("#export-cancel").click()
+    expect(dialog).to_be_hidden()
+    app.watch.assert_clean()
+
+
 # --- the side list ------------------------------------------------------------------------------
 
 
