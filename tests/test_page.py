@@ -594,6 +594,44 @@ def test_export_one_conversation_as_markdown_and_json(app: App) -> None:
     app.watch.assert_clean()
 
 
+# --- usage and budgets ----------------------------------------------------------------------------
+
+
+def test_cost_per_reply_and_conversation_and_the_budget_message(open_app: Callable[..., App]) -> None:
+    app = open_app(
+        settings={
+            "CHAT_PRICES": {"openai/*": {"input": 100, "output": 100}},  # USD per million tokens
+            "CHAT_BUDGETS": {"openai": {"day": 0.5}},
+        }
+    )
+    app.goto()
+    page = app.page
+    app.upstream.script(Reply(text="first", usage=(2_000, 500)), Reply(text="second", usage=(2_000, 1_000)))
+    app.send("what does it cost?")
+    app.wait_reply_done()
+    replies = page.locator("#messages .msg.assistant .meta")
+    expect(replies.nth(0)).to_contain_text("2000 in / 500 out tokens")
+    expect(replies.nth(0)).to_contain_text("$0.25")
+    expect(page.locator("#totals")).to_have_text("2500 tokens \u00b7 $0.25")
+    app.send("and now?")
+    app.wait_reply_done(2)
+    expect(replies.nth(1)).to_contain_text("2000 in / 1000 out tokens")
+    expect(replies.nth(1)).to_contain_text("$0.30")
+    expect(page.locator("#totals")).to_have_text("5500 tokens \u00b7 $0.55")
+    # the day's $0.50 is spent: the next message is refused with when it resets, and kept
+    app.send("one more")
+    notice = page.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("Budget reached")
+    expect(notice).to_contain_text("It resets at")
+    expect(page.locator("#input")).to_have_value("one more")
+    expect(page.locator("#messages .msg")).to_have_count(4)
+    (item,) = app.conversations()
+    assert len(app.on_disk(item["id"])["messages"]) == 4
+    assert len(chat_requests(app)) == 2
+    assert app.watch.page_errors == [] and app.watch.foreign_requests == []
+
+
 # --- the side list ------------------------------------------------------------------------------
 
 
