@@ -395,7 +395,22 @@ def test_regenerate_and_switch_versions_with_the_arrows(app: App) -> None:
     expect(reply.locator(".version-label")).to_have_text("2 / 2")
     expect(reply.locator(".content")).to_have_text("The second answer.")
     assert app.on_disk(item["id"])["current_id"] == answers[1]["id"]
-    assert len(chat_requests(app)) == 2
+    # a third version: "3 / 3", and the middle one is still reachable
+    app.upstream.script(Reply(text="The third answer."))
+    reply.get_by_role("button", name="Regenerate").click()
+    expect(reply.locator(".content")).to_have_text("The third answer.")
+    app.wait_reply_done()
+    expect(reply.locator(".version-label")).to_have_text("3 / 3")
+    reply.get_by_role("button", name="Previous version").click()
+    expect(reply.locator(".version-label")).to_have_text("2 / 3")
+    expect(reply.locator(".content")).to_have_text("The second answer.")
+    stored = app.on_disk(item["id"])
+    assert [m["content"] for m in stored["messages"] if m["role"] == "assistant"] == [
+        "The first answer.",
+        "The second answer.",
+        "The third answer.",
+    ]
+    assert len(chat_requests(app)) == 3
     app.watch.assert_clean()
 
 
