@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -606,6 +607,34 @@ def test_export_one_conversation_as_markdown_and_json(app: App) -> None:
     page.locator("#export-one").click()
     page.locator("#export-cancel").click()
     expect(dialog).to_be_hidden()
+    app.watch.assert_clean()
+
+
+def test_export_all_downloads_a_zip_that_imports_back(app: App) -> None:
+    page = app.page
+    ids = [chat_turn(app, f"conversation number {n}") for n in range(3)]
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    page.locator("#export-all").click()
+    expect(page.locator("#export-title")).to_have_text("Export every conversation")
+    with page.expect_download() as download:
+        page.locator("#export-json").click()
+    assert re.fullmatch(r"conversations-json-\d{4}-\d{2}-\d{2}\.zip", download.value.suggested_filename)
+    with zipfile.ZipFile(download.value.path()) as archive:
+        names = sorted(archive.namelist())
+        assert names == sorted(f"conversations/{i}.json" for i in ids)
+        for i in ids:
+            assert (
+                archive.read(f"conversations/{i}.json")
+                == (app.data_dir / "conversations" / f"{i}.json").read_bytes()
+            )
+    # the zip goes back in through the page: nothing new, each reported as already there
+    page.locator("#import-file").set_input_files(download.value.path())
+    report = page.locator("#report-dialog")
+    expect(report).to_be_visible()
+    expect(report.locator("#report p").first).to_have_text("Imported 0 conversations, skipped 3.")
+    expect(report.locator(".report-skipped li")).to_have_count(3)
+    assert len(app.conversations()) == 3
     app.watch.assert_clean()
 
 
