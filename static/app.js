@@ -563,10 +563,11 @@ async function runReply(path, body, { userLi = null }) {
     } else if (!live.started) {
       replyLi.remove();
       userLi?.remove();
-      showNotice(err);
       endLive(live);
+      // redraw first: showConversation hides the notice, which must stay to say why
       if (state.conversation) showConversation(state.conversation);
       else $("empty").hidden = $("messages").children.length > 0;
+      showNotice(err);
       return false;
     } else {
       showNotice(err);

@@ -3,10 +3,12 @@ on a loopback port, with the fake upstream standing in for the providers."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import main
 import page as page_module
+from tests import exports
 from tests.browser import CHROMIUM_ARGS, Served, Watch, browser_context, chromium_path
 from tests.conftest import TOKEN, settings_for
 from tests.fake_upstream import FakeUpstream, Reply
@@ -101,6 +104,7 @@ class App:
     http: httpx2.Client
     upstream: FakeUpstream
     context: Any
+    data_dir: Path
 
     def goto(self, fragment: str = "", *, ready: bool = True) -> None:
         self.page.goto(self.served.url + "/" + fragment)
@@ -121,6 +125,13 @@ class App:
         items: list[dict[str, Any]] = self.http.get("/api/conversations").json()["items"]
         return items
 
+    def on_disk(self, conversation_id: str) -> dict[str, Any]:
+        """The conversation's file itself: every message of every branch, as stored."""
+        stored: dict[str, Any] = json.loads(
+            (self.data_dir / "conversations" / f"{conversation_id}.json").read_text()
+        )
+        return stored
+
 
 @pytest.fixture
 def open_app(browser: Browser, upstream: FakeUpstream, data_dir: Path) -> Iterator[Callable[..., App]]:
@@ -136,7 +147,7 @@ def open_app(browser: Browser, upstream: FakeUpstream, data_dir: Path) -> Iterat
         manager = browser_context(browser, served.url, **options)
         context, watch = manager.__enter__()
         opened.append((served, manager, http))
-        return App(served, context.new_page(), watch, http, upstream, context)
+        return App(served, context.new_page(), watch, http, upstream, context, data_dir)
 
     yield open_
     for served, manager, http in reversed(opened):
@@ -341,6 +352,328 @@ def test_each_error_type_gets_a_clear_message(app: App, reply: Reply, expected: 
     expect(notice).to_contain_text(re.compile(expected))
     expect(app.page.locator("#send")).to_be_visible()
     expect(app.page.locator("#messages .msg.assistant .msg-error")).to_have_count(1)
+
+
+# --- branches: regenerate, edit, versions ---------------------------------------------------------
+
+
+def chat_requests(app: App) -> list[Any]:
+    """What reached the upstream as a chat (the model listings left out)."""
+    return [r for r in app.upstream.requests if r.method == "POST"]
+
+
+def test_regenerate_and_switch_versions_with_the_arrows(app: App) -> None:
+    page = app.page
+    app.upstream.script(Reply(text="The first answer."), Reply(text="The second answer."))
+    app.send("a question worth two answers")
+    app.wait_reply_done()
+    reply = page.locator("#messages .msg.assistant")
+    expect(reply.locator(".content")).to_have_text("The first answer.")
+    expect(reply.locator(".versions")).to_have_count(0)  # one version: no arrows
+    reply.get_by_role("button", name="Regenerate").click()
+    expect(reply.locator(".content")).to_have_text("The second answer.")
+    app.wait_reply_done()
+    expect(reply.locator(".version-label")).to_have_text("2 / 2")
+    expect(reply.get_by_role("button", name="Next version")).to_be_disabled()
+    expect(page.locator("#messages .msg")).to_have_count(2)
+    # both versions are on disk, siblings under the same question
+    (item,) = app.conversations()
+    stored = app.on_disk(item["id"])
+    answers = [m for m in stored["messages"] if m["role"] == "assistant"]
+    assert [m["content"] for m in answers] == ["The first answer.", "The second answer."]
+    assert answers[0]["parent_id"] == answers[1]["parent_id"] is not None
+    assert stored["current_id"] == answers[1]["id"]
+    # the arrows switch what is shown, and the choice is stored
+    reply.get_by_role("button", name="Previous version").click()
+    expect(reply.locator(".version-label")).to_have_text("1 / 2")
+    expect(reply.locator(".content")).to_have_text("The first answer.")
+    expect(reply.get_by_role("button", name="Previous version")).to_be_disabled()
+    assert app.on_disk(item["id"])["current_id"] == answers[0]["id"]
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(reply.locator(".content")).to_have_text("The first answer.")
+    reply.get_by_role("button", name="Next version").click()
+    expect(reply.locator(".version-label")).to_have_text("2 / 2")
+    expect(reply.locator(".content")).to_have_text("The second answer.")
+    assert app.on_disk(item["id"])["current_id"] == answers[1]["id"]
+    # a third version: "3 / 3", and the middle one is still reachable
+    app.upstream.script(Reply(text="The third answer."))
+    reply.get_by_role("button", name="Regenerate").click()
+    expect(reply.locator(".content")).to_have_text("The third answer.")
+    app.wait_reply_done()
+    expect(reply.locator(".version-label")).to_have_text("3 / 3")
+    reply.get_by_role("button", name="Previous version").click()
+    expect(reply.locator(".version-label")).to_have_text("2 / 3")
+    expect(reply.locator(".content")).to_have_text("The second answer.")
+    stored = app.on_disk(item["id"])
+    assert [m["content"] for m in stored["messages"] if m["role"] == "assistant"] == [
+        "The first answer.",
+        "The second answer.",
+        "The third answer.",
+    ]
+    assert len(chat_requests(app)) == 3
+    app.watch.assert_clean()
+
+
+def test_edit_a_question_into_a_new_branch(app: App) -> None:
+    page = app.page
+    app.send("the original question")
+    app.wait_reply_done()
+    app.send("a follow-up")
+    app.wait_reply_done(2)
+    first = page.locator("#messages .msg.user").first
+    first.get_by_role("button", name="Edit").click()
+    editor = first.get_by_role("textbox", name="Edit message")
+    expect(editor).to_have_value("the original question")
+    editor.fill("the edited question")
+    editor.press("Enter")
+    expect(page.locator("#messages .msg.assistant .content")).to_have_text(["You said: the edited question"])
+    app.wait_reply_done()
+    expect(page.locator("#messages .msg")).to_have_count(2)
+    question = page.locator("#messages .msg.user")
+    expect(question.locator(".content")).to_have_text("the edited question")
+    expect(question.locator(".version-label")).to_have_text("2 / 2")
+    # on disk: the old branch is intact beside the new one
+    (item,) = app.conversations()
+    stored = app.on_disk(item["id"])
+    by_id = {m["id"]: m for m in stored["messages"]}
+    contents = [m["content"] for m in stored["messages"]]
+    assert contents == [
+        "the original question",
+        "You said: the original question",
+        "a follow-up",
+        "You said: a follow-up",
+        "the edited question",
+        "You said: the edited question",
+    ]
+    old, new = stored["messages"][0], stored["messages"][4]
+    assert old["parent_id"] == new["parent_id"]
+    assert by_id[stored["current_id"]]["content"] == "You said: the edited question"
+    # back to the old branch: all of it is shown again
+    question.get_by_role("button", name="Previous version").click()
+    expect(page.locator("#messages .msg .content")).to_have_text(
+        ["the original question", "You said: the original question", "a follow-up", "You said: a follow-up"]
+    )
+    expect(page.locator("#messages .msg.user").first.locator(".version-label")).to_have_text("1 / 2")
+    assert app.on_disk(item["id"])["current_id"] == stored["messages"][3]["id"]
+    app.watch.assert_clean()
+
+
+def test_a_reload_mid_reply_reattaches_and_the_reply_completes(app: App) -> None:
+    words = " ".join(f"w{i}" for i in range(150))
+    app.upstream.script(Reply(text=words, chunk_delay=0.05))
+    app.send("a long one to survive a reload")
+    reply = app.page.locator("#messages .msg.assistant")
+    expect(reply.locator(".content")).to_contain_text("w3")
+    expect(app.page).to_have_url(re.compile(r"#c=[0-9a-f]{32}$"))
+    with app.page.expect_request(re.compile(r"/messages/[0-9a-f]{32}/stream$")) as reattached:
+        app.page.reload()
+    assert reattached.value.method == "GET"
+    expect(app.page.locator("body")).to_have_attribute("data-ready", "true")
+    # the page re-attached to the reply still being written and shows it to the end
+    expect(reply.locator(".content")).to_have_text(words)
+    app.wait_reply_done()
+    expect(reply.locator(".meta")).not_to_contain_text("incomplete")
+    (item,) = app.conversations()
+    saved = app.on_disk(item["id"])["messages"][-1]
+    assert saved["content"] == words and saved["status"] == "complete"
+    (asked,) = chat_requests(app)  # re-attached, not asked again
+    assert asked.closed_at is not None
+    assert app.watch.page_errors == [] and app.watch.foreign_requests == []
+
+
+# --- search, import, export -----------------------------------------------------------------------
+
+SEARCH_PAYLOAD = "Where do <b>zebras</b> sleep? <img src=x onerror=\"window.__xss='search'\">"
+
+
+def chat_turn(app: App, message: str, conversation_id: str | None = None) -> str:
+    """One turn through the API (not the page): returns the conversation id."""
+    body: dict[str, Any] = {"message": message, "stream": False}
+    if conversation_id:
+        body["conversation_id"] = conversation_id
+    response = app.http.post("/api/chat", json=body)
+    assert response.status_code == 200, response.text
+    found: str = response.json()["conversation_id"]
+    return found
+
+
+def test_search_opens_the_conversation_at_the_message(open_app: Callable[..., App]) -> None:
+    app = open_app(viewport={"width": 1000, "height": 600})
+    other = chat_turn(app, "nothing to find here")
+    target = chat_turn(app, "filler 0 " + "lorem ipsum " * 60)
+    for n in range(1, 4):
+        chat_turn(app, f"filler {n} " + "lorem ipsum " * 60, target)
+    chat_turn(app, SEARCH_PAYLOAD, target)
+    for n in range(4, 9):
+        chat_turn(app, f"filler {n} " + "lorem ipsum " * 60, target)
+    hits = app.http.get("/api/search", params={"q": "zebras"}).json()["items"]
+    assert {h["conversation_id"] for h in hits} == {target} and hits[0]["message_id"]
+    app.goto(f"#c={other}")
+    page = app.page
+    page.locator("#search").fill("zebras")
+    results = page.locator("#search-results .hit")
+    expect(results).to_have_count(len(hits))
+    expect(page.locator("#conversations")).to_be_hidden()
+    first = results.first
+    expect(first.locator("mark").first).to_have_text(re.compile("^zebras$", re.IGNORECASE))
+    expect(first.locator(".snippet")).to_contain_text("<b>zebras</b>")  # the markup is shown as text
+    assert page.locator("#search-results b, #search-results img").count() == 0
+    first.click()
+    expect(page).to_have_url(re.compile(f"#c={target}$"))
+    expect(page.locator("#messages .msg")).to_have_count(20)
+    message = page.locator(f"#m-{hits[0]['message_id']}")
+    expect(message).to_have_class(re.compile(r"\bflash\b"))
+    expect(message).to_be_in_viewport()
+    expect(page.locator("#messages .msg").last).not_to_be_in_viewport()  # not simply scrolled to the end
+    expect(message.locator(".content")).to_contain_text("<b>zebras</b>")
+    assert page.locator("#messages img, #messages b").count() == 0
+    assert page.evaluate("window.__xss") is None
+    app.watch.assert_clean()
+
+
+def test_import_a_chatgpt_export_and_open_its_conversations(app: App) -> None:
+    rich = exports.chatgpt_rich()
+    evil = exports.ChatGPTConversation(exports.uid(1, "xss"), title=XSS_TITLE)
+    question = evil.add(
+        "client-created-root", "user", exports.text("<script>window.__xss='question'</script>")
+    )
+    evil.add(question, "assistant", exports.text(XSS_REPLY))
+    payload = exports.dumps([rich, evil.doc()])
+    page = app.page
+    page.locator("#import-file").set_input_files(
+        {"name": "conversations.json", "mimeType": "application/json", "buffer": payload}
+    )
+    report = page.locator("#report-dialog")
+    expect(report).to_be_visible()
+    expect(report.locator("#report p").first).to_have_text("Imported 2 conversations, skipped 0.")
+    expect(report).to_contain_text("Left out (no place for them here)")
+    links = report.locator(".report-imported a")
+    expect(links).to_have_count(2)
+    expect(links.first).to_contain_text("Sorting in Python")
+    expect(page.locator("#conversations a")).to_have_count(2)
+    # open one from the report: the branch the export had current is shown
+    links.first.click()
+    expect(report).to_be_hidden()
+    expect(page.locator("#title")).to_have_text("Sorting in Python")
+    conversation_id = page.url.rsplit("#c=", 1)[1]
+    shown = app.http.get(f"/api/conversations/{conversation_id}").json()["messages"]
+    assert len(shown) >= 2
+    expect(page.locator("#messages .msg")).to_have_count(len(shown))
+    expect(page.locator("#messages .msg.user .content").first).to_have_text(shown[0]["content"])
+    # the one with a hostile title and text: shown as text, nothing runs, nothing loads
+    page.locator("#conversations a", has_text=XSS_TITLE).click()
+    expect(page.locator("#title")).to_have_text(XSS_TITLE)
+    expect(page.locator("#messages .msg.user .content")).to_have_text(
+        "<script>window.__xss='question'</script>"
+    )
+    content = page.locator("#messages .msg.assistant .content")
+    expect(content).to_contain_text("ok link")
+    for tag in ("script", "img", "svg", "iframe", "style"):
+        assert content.locator(tag).count() == 0, tag
+    assert page.locator("body script:not([src]), body img, body iframe").count() == 0
+    for link in content.locator("a").all():
+        assert not (link.get_attribute("href") or "").lower().startswith("javascript")
+    assert page.evaluate("window.__xss") is None
+    app.watch.assert_clean()
+
+
+def test_export_one_conversation_as_markdown_and_json(app: App) -> None:
+    page = app.page
+    app.send("Plans for Zürich: <b>trains</b>")
+    app.wait_reply_done()
+    (item,) = app.conversations()
+    page.locator("#export-one").click()
+    dialog = page.locator("#export-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#export-title")).to_have_text("Export this conversation")
+    with page.expect_download() as markdown_download:
+        page.locator("#export-markdown").click()
+    expect(dialog).to_be_hidden()
+    markdown = markdown_download.value
+    # the exact UTF-8 name from Content-Disposition's filename*, not its ASCII fallback
+    assert markdown.suggested_filename.startswith("Plans for Zürich")
+    assert markdown.suggested_filename.endswith(f" - {item['id'][:8]}.md")
+    text = Path(markdown.path()).read_text(encoding="utf-8")
+    assert "Plans for Zürich: <b>trains</b>" in text and "You said: Plans for Zürich" in text
+    # JSON: the file exactly as stored, every branch
+    page.locator("#export-one").click()
+    with page.expect_download() as json_download:
+        page.locator("#export-json").click()
+    assert json_download.value.suggested_filename.endswith(f"{item['id'][:8]}.json")
+    exported = Path(json_download.value.path()).read_bytes()
+    assert exported == (app.data_dir / "conversations" / f"{item['id']}.json").read_bytes()
+    # cancel downloads nothing
+    page.locator("#export-one").click()
+    page.locator("#export-cancel").click()
+    expect(dialog).to_be_hidden()
+    app.watch.assert_clean()
+
+
+def test_export_all_downloads_a_zip_that_imports_back(app: App) -> None:
+    page = app.page
+    ids = [chat_turn(app, f"conversation number {n}") for n in range(3)]
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    page.locator("#export-all").click()
+    expect(page.locator("#export-title")).to_have_text("Export every conversation")
+    with page.expect_download() as download:
+        page.locator("#export-json").click()
+    assert re.fullmatch(r"conversations-json-\d{4}-\d{2}-\d{2}\.zip", download.value.suggested_filename)
+    with zipfile.ZipFile(download.value.path()) as archive:
+        names = sorted(archive.namelist())
+        assert names == sorted(f"conversations/{i}.json" for i in ids)
+        for i in ids:
+            assert (
+                archive.read(f"conversations/{i}.json")
+                == (app.data_dir / "conversations" / f"{i}.json").read_bytes()
+            )
+    # the zip goes back in through the page: nothing new, each reported as already there
+    page.locator("#import-file").set_input_files(download.value.path())
+    report = page.locator("#report-dialog")
+    expect(report).to_be_visible()
+    expect(report.locator("#report p").first).to_have_text("Imported 0 conversations, skipped 3.")
+    expect(report.locator(".report-skipped li")).to_have_count(3)
+    assert len(app.conversations()) == 3
+    app.watch.assert_clean()
+
+
+# --- usage and budgets ----------------------------------------------------------------------------
+
+
+def test_cost_per_reply_and_conversation_and_the_budget_message(open_app: Callable[..., App]) -> None:
+    app = open_app(
+        settings={
+            "CHAT_PRICES": {"openai/*": {"input": 100, "output": 100}},  # USD per million tokens
+            "CHAT_BUDGETS": {"openai": {"day": 0.5}},
+        }
+    )
+    app.goto()
+    page = app.page
+    app.upstream.script(Reply(text="first", usage=(2_000, 500)), Reply(text="second", usage=(2_000, 1_000)))
+    app.send("what does it cost?")
+    app.wait_reply_done()
+    replies = page.locator("#messages .msg.assistant .meta")
+    expect(replies.nth(0)).to_contain_text("2000 in / 500 out tokens")
+    expect(replies.nth(0)).to_contain_text("$0.25")
+    expect(page.locator("#totals")).to_have_text("2500 tokens \u00b7 $0.25")
+    app.send("and now?")
+    app.wait_reply_done(2)
+    expect(replies.nth(1)).to_contain_text("2000 in / 1000 out tokens")
+    expect(replies.nth(1)).to_contain_text("$0.30")
+    expect(page.locator("#totals")).to_have_text("5500 tokens \u00b7 $0.55")
+    # the day's $0.50 is spent: the next message is refused with when it resets, and kept
+    app.send("one more")
+    notice = page.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("Budget reached")
+    expect(notice).to_contain_text("It resets at")
+    expect(page.locator("#input")).to_have_value("one more")
+    expect(page.locator("#messages .msg")).to_have_count(4)
+    (item,) = app.conversations()
+    assert len(app.on_disk(item["id"])["messages"]) == 4
+    assert len(chat_requests(app)) == 2
+    assert app.watch.page_errors == [] and app.watch.foreign_requests == []
 
 
 # --- the side list ------------------------------------------------------------------------------
