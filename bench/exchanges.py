@@ -144,11 +144,17 @@ async def service_stream(client: httpx2.AsyncClient, service_url: str, fmt: Form
 
 
 async def chat_completion(
-    client: httpx2.AsyncClient, base_url: str, history: History, stream: bool, key: str = API_KEY
+    client: httpx2.AsyncClient,
+    base_url: str,
+    history: History,
+    stream: bool,
+    key: str = API_KEY,
+    model: str = MODELS["openai"],
 ) -> Timing:
-    """One OpenAI chat completion (`base_url` ends in /v1): straight with the fake or through a proxy.
-    Non-streaming: `first` and `total` are both the whole exchange."""
-    body: dict[str, Any] = {"model": MODELS["openai"], "messages": history}
+    """One OpenAI chat completion (`base_url` ends in /v1): straight with the fake or through a proxy
+    (the service's `/v1` takes `openai/<model>`). Non-streaming: `first` and `total` are both the
+    whole exchange."""
+    body: dict[str, Any] = {"model": model, "messages": history}
     headers = {"Authorization": f"Bearer {key}"}
     url = base_url + "/chat/completions"
     started = time.perf_counter()

@@ -11,8 +11,6 @@ The scenarios the next issues need are each such a file, built from pieces alrea
   (as `listing.py` does); direct: the same query over the files in-process.
 - import of 1,000 conversations: `conversations.make_conversation` for the file to import; direct:
   writing the same conversations with `storage.write_durably`.
-- the /v1 routes: `exchanges.chat_completion(bench.client, service.url + "/v1", ...)` against
-  `chat_completion(bench.client, bench.upstream.url + "/v1", ...)`, as `litellm.py` does.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from bench.scenarios import (
     optimisations,
     streaming,
     turns,
+    v1,
 )
 
 ALL: list[Scenario] = [
@@ -39,5 +38,6 @@ ALL: list[Scenario] = [
     listing.SCENARIO,
     cold_start.SCENARIO,
     optimisations.SCENARIO,
+    v1.SCENARIO,
     litellm.SCENARIO,
 ]
