@@ -5,8 +5,6 @@ which baseline, an `async def run(bench: Bench) -> None` and `SCENARIO = Scenari
 `bench/harness.py` for what `bench` offers, and `large.py` for a short example), then add it below.
 The scenarios the next issues need are each such a file, built from pieces already here:
 
-- re-attaching to a running reply: start a slow stream (`chunks=500 delay=0.01`) with
-  `exchanges.service_stream`, leave, re-attach; direct: the same stream read straight from the fake.
 - search at 10,000 conversations: `conversations.fill(dir, 10_000, rng)` and `bench.launch(dir)`
   (as `listing.py` does); direct: the same query over the files in-process.
 - import of 1,000 conversations: `conversations.make_conversation` for the file to import; direct:
@@ -24,6 +22,7 @@ from bench.scenarios import (
     listing,
     litellm,
     optimisations,
+    reattach,
     streaming,
     turns,
     v1,
@@ -38,6 +37,7 @@ ALL: list[Scenario] = [
     listing.SCENARIO,
     cold_start.SCENARIO,
     optimisations.SCENARIO,
+    reattach.SCENARIO,
     v1.SCENARIO,
     litellm.SCENARIO,
 ]
