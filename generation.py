@@ -26,7 +26,7 @@ import anyio
 import storage
 from providers import ChatRequest, Finish, Provider, ProviderError
 from storage import Message, StorageError, Store, new_id
-from usage import Usage, counted_tokens
+from usage import Usage
 from web import APIError
 
 log = logging.getLogger("chat.generation")
@@ -185,21 +185,11 @@ class Generation:
         tokens and cost on the reply; tokens the provider did not report are estimated."""
         if self.usage is None or (self.error is not None and not final["content"]):
             return
-        reported = (self.finish.input_tokens, self.finish.output_tokens) if self.finish else None
-        prompt = [m.content for m in self.request.messages]
-        if self.request.system:
-            prompt.append(self.request.system)
-        input_tokens, output_tokens, estimated = counted_tokens(reported, prompt, final["content"])
-        entry = await self.usage.record(
-            provider=self.provider.name,
-            model=self.request.model,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            estimated=estimated,
-            conversation_id=self.conversation_id,
+        entry = await self.usage.record_reply(
+            self.provider.name, self.request, final["content"], self.finish, self.conversation_id
         )
-        counted: storage.Usage = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-        if estimated:
+        counted: storage.Usage = {"input_tokens": entry.input_tokens, "output_tokens": entry.output_tokens}
+        if entry.estimated:
             counted["estimated"] = True
         final["usage"] = counted
         final["cost"] = entry.cost

@@ -35,6 +35,7 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 from starlette.responses import Response
 
+from providers import ChatRequest, Finish
 from tokens import estimate_messages, estimate_tokens
 from web import JSON
 
@@ -384,6 +385,28 @@ class Usage:
             return entry
 
         return await anyio.to_thread.run_sync(work)
+
+    async def record_reply(
+        self,
+        provider: str,
+        request: ChatRequest,
+        reply: str,
+        finish: Finish | None,
+        conversation_id: str | None,
+    ) -> Entry:
+        """Count one generation: the tokens the provider reported (its `finish`), else the estimate
+        of the request's texts and of the reply; returns the ledger entry (tokens, cost)."""
+        reported = (finish.input_tokens, finish.output_tokens) if finish else None
+        prompt = [m.content for m in request.messages] + ([request.system] if request.system else [])
+        input_tokens, output_tokens, estimated = counted_tokens(reported, prompt, reply)
+        return await self.record(
+            provider=provider,
+            model=request.model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            estimated=estimated,
+            conversation_id=conversation_id,
+        )
 
 
 # --- the route ----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from providers import (
     resolve,
 )
 from storage import StorageError
-from usage import LimitReached, counted_tokens
+from usage import LimitReached
 from web import JSON, APIError, TableDep, client_key, error
 from wire_formats import (
     AnthropicEvents,
@@ -349,18 +349,8 @@ async def metered(provider: Provider, exchange: Exchange, generations: Generatio
         generations.release()
         usage = generations.usage
         if usage is not None and (finish is not None or texts):
-            reported = (finish.input_tokens, finish.output_tokens) if finish else None
-            prompt = [m.content for m in exchange.request.messages] + [exchange.request.system or ""]
-            tokens_in, tokens_out, estimated = counted_tokens(reported, prompt, "".join(texts))
             with anyio.CancelScope(shield=True):
-                await usage.record(
-                    provider=provider.name,
-                    model=exchange.request.model,
-                    input_tokens=tokens_in,
-                    output_tokens=tokens_out,
-                    estimated=estimated,
-                    conversation_id=None,
-                )
+                await usage.record_reply(provider.name, exchange.request, "".join(texts), finish, None)
 
 
 @router.post("/chat/completions")
