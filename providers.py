@@ -1,10 +1,13 @@
 """The dispatch table: a chat request for `provider/model` becomes a stream of text deltas.
 
-Every provider yields `str` deltas and then one `Finish` (reason and token usage). The SDKs open
-the connection (auth, base URL, error bodies); the per-chunk work reads the raw event stream and
-decodes each event with orjson, which is several times cheaper than the SDKs' typed iterators.
-SDK and transport exceptions are translated here into a few `ProviderError`s that carry the HTTP
-status the API answers. An SDK is imported (in a worker thread) when its provider is first used.
+Every provider yields `str` deltas and then one `Finish` (reason and token usage). Each provider
+builds its SDK's client once (auth, base URL, headers, timeouts, and the HTTP connection pool,
+which is ours and handed to the SDK). A chat request is posted on that pool with the SDK's
+headers and a body encoded once with orjson, and its event stream is decoded here with orjson:
+the SDK's request building and typed iterators cost more than the rest of the exchange
+(BENCHMARKS.md). The SDK itself serves everything else (listing models, counting tokens).
+SDK, HTTP and transport errors are translated here into a few `ProviderError`s that carry the
+HTTP status the API answers. An SDK is imported (in a worker thread) when its provider is first used.
 """
 
 from __future__ import annotations
@@ -263,6 +266,10 @@ class Provider:
     reachable: bool | None = field(default=None, init=False)  # as last seen; None: not asked yet
     _client: Any = field(default=None, init=False, repr=False)
     _module: Any = field(default=None, init=False, repr=False)
+    _http: Any = field(default=None, init=False, repr=False)  # the SDK client's httpx2.AsyncClient
+    _headers: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _chat_url: str = field(default="", init=False, repr=False)
+    chat_path: str = field(default="", init=False, repr=False)  # the chat endpoint, under base_url
     _building: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _models: tuple[float, list[str], str] | None = field(default=None, init=False, repr=False)
     context_tokens: int | None = None  # the server's window as configured (CHAT_SERVERS)
@@ -292,6 +299,8 @@ class Provider:
     async def client(self) -> Any:
         """The SDK client, built once and reused; importing the SDK and building a client (16-32 ms)
         both happen off the event loop, so the first use never stalls other streams."""
+        if self._client is not None:
+            return self._client
         async with self._building:
             if self._client is None:
                 self._client = await anyio.to_thread.run_sync(self._build)
@@ -300,9 +309,24 @@ class Provider:
     def _build(self) -> Any:
         module = importlib.import_module(self.sdk)
         self._module = module
-        return self.build_client(module)
+        timeout = module.Timeout(self.timeouts.idle, connect=self.timeouts.connect)
+        # The SDK's own default pool (its limits, redirects, proxies from the environment), made
+        # here so that chat requests can be sent on it too.
+        self._http = module.DefaultAsyncHttpxClient(timeout=timeout)
+        client = self.build_client(module, self._http, timeout)
+        # What the SDK sends with every request: auth, content type, user agent, API version...
+        # (its X-Stainless-* telemetry describes its own request layer, which chat requests skip).
+        sent = {**client.auth_headers, **client.default_headers}
+        self._headers = {
+            k: v for k, v in sent.items() if isinstance(v, str) and not k.lower().startswith("x-stainless-")
+        }
+        base = client.base_url  # joined as the SDK joins a path to it
+        self._chat_url = str(
+            base.copy_with(raw_path=base.raw_path.rstrip(b"/") + b"/" + self.chat_path.encode())
+        )
+        return client
 
-    def build_client(self, module: Any) -> Any:
+    def build_client(self, module: Any, http: Any, timeout: Any) -> Any:
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -331,13 +355,15 @@ class Provider:
             yielded = False
             try:
                 if opened:  # the first attempt was cut before its first token
-                    for item in await self.complete(client, request):
+                    async with self.post(client, request, stream=False) as response:
+                        items = self.complete(json_object(await response.aread(), self.name))
+                    for item in items:
                         yield item
                     return
-                async with self.open_stream(client, request) as response:
+                async with self.post(client, request, stream=True) as response:
                     opened = True
                     self.reachable = True
-                    chunks = response.http_response.aiter_bytes()
+                    chunks = response.aiter_bytes()
                     async for item in self.parse(sse_events(chunks)):
                         if isinstance(item, Finish):
                             await drain(chunks)
@@ -356,12 +382,42 @@ class Provider:
             log.info("%s: %s; retrying %s", self.name, error.detail, how)
             await asyncio.sleep(RETRY_DELAY)
 
-    async def complete(self, client: Any, request: ChatRequest) -> list[str | Finish]:
-        """The whole reply in one response (no streaming): the text, then its Finish."""
+    @contextlib.asynccontextmanager
+    async def post(self, client: Any, request: ChatRequest, *, stream: bool) -> AsyncIterator[Any]:
+        """The chat request, posted on the SDK client's pool with its headers; the response (an
+        httpx2.Response, body not read yet) while it is open. An answer that is not a success is
+        raised as the ProviderError the SDK's exception for it would be translated to."""
+        body = orjson.dumps(self.body(request, stream=stream))
+        http = self._http
+        response = await http.send(
+            http.build_request("POST", self._chat_url, content=body, headers=self._headers), stream=True
+        )
+        try:
+            if not response.is_success:
+                await response.aread()
+                raise self.from_response(response, request.model)
+            yield response
+        finally:
+            await response.aclose()
+
+    def body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        """The chat request in the provider's wire format."""
         raise NotImplementedError
 
-    def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
+    def complete(self, reply: dict[str, Any]) -> list[str | Finish]:
+        """The text (if any) and the Finish of a whole reply (a request without streaming)."""
         raise NotImplementedError
+
+    def from_response(self, response: Any, model: str) -> ProviderError:
+        """An error answer to a chat request: what the upstream said, classified by its status."""
+        try:
+            body: object = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            body = None
+        inner = as_dict(as_dict(body).get("error"))
+        codes = (inner.get("code"), inner.get("type"), error_code(body))
+        message = self.redact(upstream_message(body))
+        return self.from_status(response.status_code, message, model, response.headers, codes)
 
     async def count_tokens(self, request: ChatRequest) -> int | None:
         """The provider's own count of a request's input tokens; None where it offers none."""
@@ -523,11 +579,16 @@ class OpenAICompatible(Provider):
     def __post_init__(self) -> None:
         self.base_url = with_api_path(self.base_url)
 
-    def build_client(self, module: Any) -> Any:
-        timeout = module.Timeout(self.timeouts.idle, connect=self.timeouts.connect)
+    chat_path: str = field(default="chat/completions", init=False, repr=False)
+
+    def build_client(self, module: Any, http: Any, timeout: Any) -> Any:
         # Local servers need no key, but the SDK refuses to start without one (llm does the same).
         client = module.AsyncOpenAI(
-            api_key=self.api_key or "no-key-needed", base_url=self.base_url, timeout=timeout, max_retries=0
+            api_key=self.api_key or "no-key-needed",
+            base_url=self.base_url,
+            timeout=timeout,
+            max_retries=0,
+            http_client=http,
         )
         if not self.sends_account_ids:  # the SDK reads them from the environment for every client
             client.organization = client.project = None
@@ -552,13 +613,6 @@ class OpenAICompatible(Provider):
         info = shown.get("model_info") or {}
         lengths = [v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)]
         return lengths[0] if lengths else None
-
-    def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
-        # The SDK walks every message of `messages=` through its type-driven transform, ~0.2 ms each
-        # (a 2,000-message history took 400 ms); `extra_body` is sent as is and takes precedence.
-        return client.chat.completions.with_streaming_response.create(  # type: ignore[no-any-return]
-            model=request.model, messages=[], stream=True, extra_body=self.body(request)
-        )
 
     async def first_chat_model(self) -> str | None:
         """The first model this server lists that can chat; None if it lists none or did not answer."""
@@ -590,10 +644,12 @@ class OpenAICompatible(Provider):
             return True
         return not isinstance(capabilities, list) or "completion" in capabilities
 
-    def body(self, request: ChatRequest) -> dict[str, Any]:
+    def body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         messages = [{"role": "system", "content": request.system}] if request.system else []
         messages += [{"role": m.role, "content": m.content} for m in request.messages]
-        body: dict[str, Any] = {"messages": messages, "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {"model": request.model, "messages": messages, "stream": stream}
+        if stream:  # the usage comes in a last chunk only when asked for
+            body["stream_options"] = {"include_usage": True}
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
@@ -631,13 +687,7 @@ class OpenAICompatible(Provider):
             finish.input_tokens = usage.get("prompt_tokens")
             finish.output_tokens = usage.get("completion_tokens")
 
-    async def complete(self, client: Any, request: ChatRequest) -> list[str | Finish]:
-        body = self.body(request)
-        del body["stream_options"]
-        response = await client.chat.completions.with_raw_response.create(
-            model=request.model, messages=[], stream=False, extra_body=body
-        )
-        reply = json_object(response.http_response.content, self.name)
+    def complete(self, reply: dict[str, Any]) -> list[str | Finish]:
         choice = as_dict(as_list(reply.get("choices"))[0] if as_list(reply.get("choices")) else None)
         text = as_dict(choice.get("message")).get("content")
         finish = Finish(reason=choice.get("finish_reason"))
@@ -703,33 +753,30 @@ class Anthropic(Provider):
     sdk: str = "anthropic"
     default_max_tokens: int = 4096
 
-    def build_client(self, module: Any) -> Any:
-        timeout = module.Timeout(self.timeouts.idle, connect=self.timeouts.connect)
+    chat_path: str = field(default="v1/messages", init=False, repr=False)
+
+    def build_client(self, module: Any, http: Any, timeout: Any) -> Any:
         return module.AsyncAnthropic(
-            api_key=self.api_key, base_url=self.base_url, timeout=timeout, max_retries=0
+            api_key=self.api_key, base_url=self.base_url, timeout=timeout, max_retries=0, http_client=http
         )
 
-    def open_stream(self, client: Any, request: ChatRequest) -> contextlib.AbstractAsyncContextManager[Any]:
-        return client.messages.with_streaming_response.create(  # type: ignore[no-any-return]
-            **self.arguments(request), stream=True
-        )
-
-    def arguments(self, request: ChatRequest) -> dict[str, Any]:
-        options: dict[str, Any] = {}
-        if request.system:
-            options["system"] = request.system
-        if request.stop:
-            options["stop_sequences"] = list(request.stop)
-        # The SDK has no temperature or top_p arguments; the API version decides whether they are accepted.
-        sampling = {"temperature": request.temperature, "top_p": request.top_p}
-        if extra := {k: v for k, v in sampling.items() if v is not None}:
-            options["extra_body"] = extra
-        return {
+    def body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens or self.default_max_tokens,
             "messages": alternating(request.messages),
-            **options,
+            "stream": stream,
         }
+        if request.system:
+            body["system"] = request.system
+        if request.stop:
+            body["stop_sequences"] = list(request.stop)
+        # Sent only when set: the API version decides whether they are accepted.
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        return body
 
     async def count_tokens(self, request: ChatRequest) -> int | None:
         client = await self.client()
@@ -772,9 +819,7 @@ class Anthropic(Provider):
             finish.input_tokens = usage.get("input_tokens")
             finish.output_tokens = usage.get("output_tokens")
 
-    async def complete(self, client: Any, request: ChatRequest) -> list[str | Finish]:
-        response = await client.messages.with_raw_response.create(**self.arguments(request), stream=False)
-        reply = json_object(response.http_response.content, self.name)
+    def complete(self, reply: dict[str, Any]) -> list[str | Finish]:
         blocks = [as_dict(b) for b in as_list(reply.get("content"))]
         text = "".join(
             b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str)
