@@ -427,6 +427,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         generations.stop_all()
         if running := await generations.wait_saved(max(settings.shutdown_timeout, 5.0)):
             log.info("waited for %d generations to save their replies", running)
+        await app.state.usage.flush()  # their lines in the usage ledger
         await providers.close_all(app.state.providers)
         store.close()
 

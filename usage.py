@@ -4,7 +4,9 @@
   with provider, model, tokens, whether they were estimated, and cost; never any text. It is the
   truth for spend: deleting a conversation keeps its usage. Appended durably under a file lock, so
   several processes on one data dir share it; every process folds new lines into per-day totals
-  by reading only what was appended since it last looked.
+  by reading only what was appended since it last looked. A generation counts at once (budgets
+  and `/api/usage` see it); its line is written moments later by one background writer, in
+  batches, so that no reply waits for the ledger's fsync.
 - Prices: `genai-prices`' bundled table (offline) for the `openai` and `anthropic` providers,
   overridden or extended by `CHAT_PRICES`; unknown price -> cost `None`, never a guess.
 - Limits, each off until set: `CHAT_RATE_LIMIT` (per token or peer, per process),
@@ -14,6 +16,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -73,15 +77,19 @@ class Prices:
         self._table: Any = None
         self._table_lock = threading.Lock()
 
+    @property
+    def loaded(self) -> bool:
+        return self._table is not None
+
     def cost(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> float | None:
-        """Blocking on the first call (the table takes about a second to load): call it in a thread."""
+        """Blocking until the table is loaded (about a second): `load()` it first, in a thread."""
         price = self.overrides.get(f"{provider}/{model}") or self.overrides.get(f"{provider}/*")
         if price is not None:
             return round((input_tokens * price.input + output_tokens * price.output) / 1_000_000, 10)
         vendor = PRICED_PROVIDERS.get(provider)
         if vendor is None:
             return None
-        table = self._load()
+        table = self.load()
         try:
             calculation = table.calc_price(
                 table.Usage(input_tokens=input_tokens, output_tokens=output_tokens),
@@ -95,7 +103,7 @@ class Prices:
         total: Decimal = calculation.total_price
         return float(total)
 
-    def _load(self) -> Any:
+    def load(self) -> Any:
         with self._table_lock:
             if self._table is None:
                 import genai_prices  # about a second: only when a priced provider is first used
@@ -122,6 +130,11 @@ class Entry:
 
     def line(self) -> bytes:
         return orjson.dumps(self.__dict__) + b"\n"
+
+    def totals(self) -> Totals:
+        if self.cost is None:
+            return Totals(1, self.input_tokens, self.output_tokens, unpriced=1)
+        return Totals(1, self.input_tokens, self.output_tokens, self.cost)
 
 
 @dataclass
@@ -169,9 +182,9 @@ class Ledger:
         self._identity: tuple[int, int] | None = None  # (device, inode): a replaced file is read anew
         self._mutex = threading.Lock()
 
-    def append(self, entry: Entry) -> None:
+    def append(self, *entries: Entry) -> None:
         """Blocking: run in a thread. fsynced before it returns."""
-        line = entry.line()
+        line = b"".join(entry.line() for entry in entries)
         with self._lock:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -293,6 +306,10 @@ class Usage:
                     provider,
                 )
         self.max_concurrent = max_concurrent
+        self._unwritten: list[Entry] = []  # counted, not yet in the ledger
+        self._unwritten_lock = threading.Lock()  # held for list operations only
+        self._counting = threading.Lock()  # a batch moves from the list to the file inside it
+        self._writer: asyncio.Task[None] | None = None
         self._rate: Any = None
         self._rate_items: list[Any] = []
         if rate_limit:
@@ -339,7 +356,7 @@ class Usage:
         budget = self.budgets.get(provider)
         if not budget:
             return
-        buckets = self.ledger.totals()
+        buckets = self.totals()
         now = datetime.now(UTC)
         for period, limit in budget.items():
             start, reset = period_bounds(period, now)
@@ -360,6 +377,17 @@ class Usage:
 
     # after a generation
 
+    def totals(self) -> dict[Bucket, Totals]:
+        """Every bucket: the ledger's, and the entries not written to it yet. Blocking: in a thread."""
+        with self._counting:  # no batch is between the list and the file: each entry counts once
+            buckets = {key: dataclasses.replace(totals) for key, totals in self.ledger.totals().items()}
+            with self._unwritten_lock:
+                unwritten = list(self._unwritten)
+        for entry in unwritten:
+            bucket = buckets.setdefault((entry.time[:10], entry.provider, entry.model), Totals())
+            bucket.add(entry.totals())
+        return buckets
+
     async def record(
         self,
         *,
@@ -370,21 +398,39 @@ class Usage:
         estimated: bool,
         conversation_id: str | None,
     ) -> Entry:
-        """Price a finished generation and append it to the ledger (durably); returns the entry.
+        """Price a finished generation and count it; returns the entry. Its ledger line follows."""
+        if not self.prices.loaded:  # the bundled table's first load takes about a second
+            await anyio.to_thread.run_sync(self.prices.load)
+        cost = self.prices.cost(provider, model, input_tokens, output_tokens)
+        entry = Entry(provider, model, input_tokens, output_tokens, estimated, cost, conversation_id)
+        with self._unwritten_lock:
+            self._unwritten.append(entry)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return entry
 
-        A ledger that cannot be written is logged, not raised: the reply is already the user's.
-        """
+    async def _write(self) -> None:
+        """Append what was counted, in batches, until nothing is left (one fsync per batch)."""
+        while self._unwritten:
+            with self._unwritten_lock:
+                batch = list(self._unwritten)
+            with anyio.CancelScope(shield=True):  # a batch once taken is written
+                await anyio.to_thread.run_sync(self._append, batch)
 
-        def work() -> Entry:
-            cost = self.prices.cost(provider, model, input_tokens, output_tokens)
-            entry = Entry(provider, model, input_tokens, output_tokens, estimated, cost, conversation_id)
+    def _append(self, batch: list[Entry]) -> None:
+        """A ledger that cannot be written is logged, not raised: the replies are the user's."""
+        with self._counting:
             try:
-                self.ledger.append(entry)
+                self.ledger.append(*batch)
             except OSError as exc:
-                log.error("could not append to %s: %s", self.ledger.path, exc.strerror)
-            return entry
+                log.error("could not append %d lines to %s: %s", len(batch), self.ledger.path, exc.strerror)
+            with self._unwritten_lock:
+                del self._unwritten[: len(batch)]
 
-        return await anyio.to_thread.run_sync(work)
+    async def flush(self) -> None:
+        """Wait until every entry counted so far is in the ledger (shutdown; tests)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.wait([self._writer])
 
     async def record_reply(
         self,
@@ -460,7 +506,7 @@ async def usage_totals(
             status_code=422,
         )
     usage: Usage = request.app.state.usage
-    buckets = await anyio.to_thread.run_sync(usage.ledger.totals)
+    buckets = await anyio.to_thread.run_sync(usage.totals)
     groups = aggregate(buckets, from_, to, group_by)
     total = Totals()
     for totals in groups.values():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,18 @@ def parse_events(body: str) -> list[tuple[str, Any]]:
         fields = dict(line.split(": ", 1) for line in lines)
         events.append((fields.get("event", "message"), json.loads(fields["data"])))
     return events
+
+
+def ledger_lines(data_dir: Path, lines: int) -> list[dict[str, Any]]:
+    """The usage ledger once it holds `lines` lines: a reply counts at once, its line follows moments
+    later (written in the background)."""
+    path = data_dir / "usage.jsonl"
+    deadline = time.monotonic() + 30
+    while True:
+        found = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if len(found) >= lines or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
 
 
 def stream_chat(client: TestClient, **body: Any) -> list[tuple[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -18,13 +17,8 @@ from pydantic import ValidationError
 
 import main
 import usage
-from tests.conftest import parse_events, settings_for
+from tests.conftest import ledger_lines, parse_events, settings_for
 from tests.fake_upstream import FakeUpstream, Reply
-
-
-def ledger(data_dir: Path) -> list[dict[str, Any]]:
-    path = data_dir / "usage.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def chat(client: TestClient, **body: Any) -> Any:
@@ -58,7 +52,7 @@ def test_known_models_cost_what_the_price_table_says(
     assert expected > 0
     assert reply["usage"] == {"input_tokens": 12_000, "output_tokens": 3_000}
     assert reply["cost"] == pytest.approx(expected)
-    [line] = ledger(data_dir)
+    [line] = ledger_lines(data_dir, 1)
     assert line["provider"] == provider and line["model"] == upstream_model
     assert (line["input_tokens"], line["output_tokens"], line["estimated"]) == (12_000, 3_000, False)
     assert line["cost"] == pytest.approx(expected)
@@ -69,7 +63,7 @@ def test_known_models_cost_what_the_price_table_says(
 def test_an_unknown_price_is_null_never_a_guess(client: TestClient, data_dir: Path) -> None:
     assert chat(client, model="openai/fake-gpt-1")["message"]["cost"] is None
     assert chat(client, model="ollama/llama3.2")["message"]["cost"] is None
-    assert [line["cost"] for line in ledger(data_dir)] == [None, None]
+    assert [line["cost"] for line in ledger_lines(data_dir, 2)] == [None, None]
     totals = client.get("/api/usage", params={"group_by": "provider"}).json()
     assert totals["total"]["requests"] == 2
     assert totals["total"]["unpriced_requests"] == 2
@@ -103,7 +97,7 @@ def test_a_server_that_sends_no_usage_is_estimated_and_marked(
     assert reply["usage"]["estimated"] is True
     assert reply["usage"]["input_tokens"] >= 100  # 400 characters at about 4 per token
     assert reply["usage"]["output_tokens"] >= 40
-    [line] = ledger(data_dir)
+    [line] = ledger_lines(data_dir, 1)
     assert line["estimated"] is True and line["input_tokens"] == reply["usage"]["input_tokens"]
 
 
@@ -113,11 +107,11 @@ def test_a_reply_cut_by_an_error_is_counted_as_estimated(
     upstream.script(Reply(text="partial text that goes on", chunks=4, mode="midstream_error"))
     response = client.post("/api/chat", json={"message": "hi", "model": "openai/gpt-4o-mini"})
     assert response.status_code >= 400
-    [line] = ledger(data_dir)
+    [line] = ledger_lines(data_dir, 1)
     assert line["estimated"] is True and line["output_tokens"] > 0
     upstream.script(Reply(status=401))
     client.post("/api/chat", json={"message": "hi", "model": "openai/gpt-4o-mini"})
-    assert len(ledger(data_dir)) == 1  # refused before any text: nothing was generated
+    assert len(ledger_lines(data_dir, 1)) == 1  # refused before any text: nothing was generated
 
 
 def test_conversation_and_listing_carry_totals(
@@ -366,7 +360,7 @@ def test_nonsense_token_counts_are_estimated_and_the_reply_saved(
     assert body["message"]["usage"]["output_tokens"] == 3  # the count that makes sense is kept
     saved = client.get(f"/api/conversations/{body['conversation_id']}").json()["messages"][-1]
     assert saved["status"] == "complete" and saved["content"] == "fine"
-    [line] = ledger(data_dir)
+    [line] = ledger_lines(data_dir, 1)
     assert line["estimated"] is True and line["cost"] == body["message"]["cost"] > 0
     # and should a count reach the price table that it refuses, the cost is unknown, not an error
     assert usage.Prices({}).cost("openai", "gpt-4o-mini", -5, 3) is None

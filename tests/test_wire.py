@@ -7,7 +7,6 @@ for the providers, so every test also checks what reached the upstream.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 import uvicorn
 
 import main
-from tests.conftest import TOKEN, settings_for
+from tests.conftest import TOKEN, ledger_lines, settings_for
 from tests.fake_upstream import FakeUpstream, Reply
 from tokens import estimate_messages
 
@@ -625,7 +624,7 @@ def test_v1_calls_are_counted_and_obey_budgets(
     )
     client = oai(url)
     client.chat.completions.create(model="openai/fake-gpt-1", messages=[{"role": "user", "content": "hi"}])
-    lines = [json.loads(line) for line in (data_dir / "usage.jsonl").read_text().splitlines()]
+    lines = ledger_lines(data_dir, 1)
     assert [(x["provider"], x["input_tokens"], x["cost"], x["conversation_id"]) for x in lines] == [
         ("openai", 5_000, pytest.approx(0.5), None)
     ]
@@ -640,5 +639,5 @@ def test_v1_calls_are_counted_and_obey_budgets(
         ant(url).messages.create(
             model="lmstudio/m", max_tokens=50, messages=[{"role": "user", "content": "and you?"}]
         )
-    lines = [json.loads(line) for line in (data_dir / "usage.jsonl").read_text().splitlines()]
+    lines = ledger_lines(data_dir, 2)
     assert len(lines) == 2 and lines[1]["provider"] == "lmstudio" and lines[1]["estimated"] is True
