@@ -28,7 +28,16 @@ from generation import Generation, Generations, TitleGeneration
 from providers import ChatMessage, ChatRequest, Provider, ProviderError, ProviderTable, resolve
 from schemas import ChatOut, EditIn, RegenerateIn, TreeOut
 from storage import Conversation, Message, Params, StorageError, Store
-from web import JSON, APIError, StoreDep, TableDep, client_key, error, provider_error_response
+from web import (
+    JSON,
+    APIError,
+    StoreDep,
+    TableDep,
+    client_key,
+    error,
+    provider_error_response,
+    until_disconnect,
+)
 
 log = logging.getLogger("chat.turn")
 
@@ -336,11 +345,6 @@ def ending(turn: Turn, reply: Message) -> tuple[str, dict[str, Any]]:
     return "error", {"error": failure, "message": turn.shown(reply)}
 
 
-async def disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 class EventStream(Response):
     """`text/event-stream` of one reply: `start`, `delta`s, then `done` or `error`.
 
@@ -381,29 +385,21 @@ class EventStream(Response):
             if len(reply["content"]) > self.after:
                 await body(sse("delta", {"text": reply["content"][self.after :]}, len(reply["content"])))
         else:
-            gone = False
-            async with anyio.create_task_group() as group:
-
-                async def watch() -> None:
-                    nonlocal gone
-                    await disconnected(receive)
-                    gone = True
-                    if self.on_disconnect == "stop":
-                        generation.stop("disconnected")
-                    group.cancel_scope.cancel()
-
-                group.start_soon(watch)
+            async with until_disconnect(receive, self.client_left) as watch:
                 async for item in generation.follow(self.after):
                     if item is None:
                         await body(b": keep-alive\n\n")
                     else:
                         await body(sse("delta", {"text": item[1]}, item[0]))
                 reply = await generation.wait()
-                group.cancel_scope.cancel()
-            if gone:
+            if watch.cancel_called:  # the client went away
                 return
         name, data = ending(turn, reply)
         await body(sse(name, data), more=False)
+
+    def client_left(self) -> None:
+        if self.on_disconnect == "stop" and self.turn.generation is not None:
+            self.turn.generation.stop("disconnected")
 
 
 async def answer_json(turn: Turn, receive: Receive, on_disconnect: OnDisconnect) -> Response:
@@ -411,21 +407,14 @@ async def answer_json(turn: Turn, receive: Receive, on_disconnect: OnDisconnect)
     generation = turn.generation
     if generation is None:
         return JSON({"conversation_id": turn.conversation_id, "message": turn.shown(turn.reply)})
-    gone = False
-    async with anyio.create_task_group() as group:
 
-        async def watch() -> None:
-            nonlocal gone
-            await disconnected(receive)
-            gone = True
-            if on_disconnect == "stop":
-                generation.stop("disconnected")
-            group.cancel_scope.cancel()
+    def client_left() -> None:
+        if on_disconnect == "stop":
+            generation.stop("disconnected")
 
-        group.start_soon(watch)
+    async with until_disconnect(receive, client_left) as watch:
         reply = await generation.wait()
-        group.cancel_scope.cancel()
-    if gone:
+    if watch.cancel_called:
         return Response(status_code=499)
     if generation.save_error is not None:
         raise generation.save_error

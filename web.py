@@ -7,12 +7,16 @@ these pieces from here, so that no module imports `main`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any
 
+import anyio
 import orjson
 from fastapi import Depends, Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from providers import ProviderError, ProviderTable
 from storage import Store
@@ -68,3 +72,25 @@ def client_key(request: Request) -> str:
     if request.app.state.settings.api_token is not None:
         return request.headers.get("authorization", "")
     return request.client.host if request.client else ""
+
+
+@contextlib.asynccontextmanager
+async def until_disconnect(receive: Receive, gone: Callable[[], object]) -> AsyncIterator[anyio.CancelScope]:
+    """A cancel scope that is cancelled, after `gone()` is called, when the client goes away.
+
+    The watcher is a plain task, cancelled on the way out: an anyio task group's cancel costs ten
+    times more per request (its message describes the cancelling task, whose repr walks its stack).
+    """
+    with anyio.CancelScope() as scope:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone()
+            scope.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            yield scope
+        finally:
+            watcher.cancel()

@@ -36,7 +36,7 @@ from providers import (
 )
 from storage import StorageError
 from usage import LimitReached
-from web import JSON, APIError, TableDep, client_key, error
+from web import JSON, APIError, TableDep, client_key, error, until_disconnect
 from wire_formats import (
     AnthropicEvents,
     AnthropicMessagesIn,
@@ -156,19 +156,13 @@ class Relay(Response):
         self.extra = dict(headers or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(self.watch, receive, group.cancel_scope)
+        # A client that goes away cancels the read from the provider, which closes its connection.
+        async with until_disconnect(receive, lambda: None):
             if self.exchange.stream:
-                await self.stream(scope, receive, send, group)
+                async with anyio.create_task_group() as group:
+                    await self.stream(scope, receive, send, group)
             else:
                 await self.whole(scope, receive, send)
-            group.cancel_scope.cancel()
-
-    @staticmethod
-    async def watch(receive: Receive, scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        scope.cancel()  # cancels the read from the provider, which closes its connection
 
     def items(self) -> contextlib.aclosing[Items]:
         return contextlib.aclosing(self.source)
