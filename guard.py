@@ -8,12 +8,14 @@ error shape (the `/v1` wire formats) replaces `render_refusal`: `create_app` pas
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -314,3 +316,44 @@ class Guard:
     def is_open(self, path: str) -> bool:
         """Open paths (exact) and everything under an open prefix (the docs' and the page's files)."""
         return path in self.open_paths or path.startswith(self.open_prefixes)
+
+
+def bounded_http_protocol(max_head_bytes: int) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol (a C parser: the cheaper of its two), with the request head bounded.
+
+    httptools buffers a request line and headers of any size before Guard can count them (a 64 MiB
+    header cost 77 MiB of RSS). This protocol counts the bytes received while a request's head is
+    incomplete and, past `max_head_bytes`, answers 431 and closes the connection, as h11's
+    `max_incomplete_event_size` does. Heads that arrive whole in one read may pass it; Guard's 431
+    is the exact limit.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    refusal = orjson.dumps(
+        {"detail": f"the request's headers exceed {max_head_bytes} bytes", "type": "headers_too_large"}
+    )
+    answer = (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(refusal), refusal)
+    )
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        head_bytes: int | None = None  # bytes of the request head so far; None: not inside one
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.head_bytes is not None and not self.transport.is_closing():
+                self.head_bytes += len(data)
+                if self.head_bytes > max_head_bytes:
+                    self.transport.write(answer)
+                    self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.head_bytes = 0
+
+        def on_headers_complete(self) -> None:
+            self.head_bytes = None
+            super().on_headers_complete()
+
+    return BoundedHttpToolsProtocol

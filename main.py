@@ -50,7 +50,7 @@ import schemas
 import search_index
 import usage
 import wire
-from guard import Guard, is_loopback
+from guard import Guard, bounded_http_protocol, is_loopback
 from providers import Anthropic, OpenAICompatible, Provider, ProviderError, ProviderTable, Timeouts
 from schemas import (
     ChatIn,
@@ -880,9 +880,7 @@ def main() -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         log_config=None,
-        # h11, because it can bound a request's headers (httptools buffers any size: SPEC.md §5.4)
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        http=bounded_http_protocol(MAX_HEADER_BYTES),  # httptools, its buffer bounded (§5.4)
         ws="none",  # no WebSocket routes; an upgrade request is then plain HTTP, which Guard judges
     )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down

@@ -424,17 +424,18 @@ def test_header_size_is_bounded(debug_service: Service) -> None:
         head = f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n".encode()
         return head + b"X-Big: " + b"a" * header_bytes + b"\r\n\r\n"
 
-    assert raw_request(port, request(32 * 1024)).startswith(b"HTTP/1.1 200")  # h11's default would refuse
+    assert raw_request(port, request(32 * 1024)).startswith(b"HTTP/1.1 200")
     refused = raw_request(port, request(100 * 1024))
-    # h11 refuses once its buffer passes the limit while the headers are incomplete; headers that
-    # arrive in one read are refused by Guard, in JSON
-    assert refused == b"" or refused.split(b" ", 2)[1] in (b"400", b"431")
-    if refused.startswith(b"HTTP/1.1 431"):
-        assert b'"type":"headers_too_large"' in refused
+    # the protocol refuses once the bytes of an incomplete head pass the limit; headers that arrive
+    # in one read are refused by Guard: 431 in JSON either way (or a reset, when the server closes
+    # while bytes it did not read are still arriving)
+    assert refused == b"" or (
+        refused.startswith(b"HTTP/1.1 431") and b'"type":"headers_too_large"' in refused
+    )
     before = rss_kib(debug_service.process.pid)
     huge = raw_request(port, request(64 * 1024 * 1024))
-    assert huge == b"" or huge.split(b" ", 2)[1] in (b"400", b"431")
-    assert rss_kib(debug_service.process.pid) - before < 32 * 1024  # httptools: +120 MB
+    assert huge == b"" or huge.startswith(b"HTTP/1.1 431")  # the server may close while we still send
+    assert rss_kib(debug_service.process.pid) - before < 32 * 1024  # plain httptools: +120 MB
     assert httpx2.get(f"{debug_service.url}/api/health").status_code == 200
 
 
