@@ -35,11 +35,11 @@ from typing import Annotated, Any, Literal
 import anyio.to_thread
 import orjson
 from fastapi import APIRouter, Query, Request
-from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 from starlette.responses import Response
 
 from providers import ChatRequest, Finish
+from storage import locked_file
 from tokens import estimate_messages, estimate_tokens
 from web import JSON
 
@@ -179,9 +179,7 @@ class Ledger:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "usage.jsonl"
-        # Thread-local (filelock's default): with thread_local=False a second thread's acquire is
-        # taken as re-entry and does not wait, so two generations' appends would not exclude each other.
-        self._lock = FileLock(data_dir / "usage.jsonl.lock", mode=0o600, preserve_lock_file=True)
+        self.lock_path = data_dir / "usage.jsonl.lock"  # held by every process that appends
         self._buckets: defaultdict[Bucket, Totals] = defaultdict(Totals)
         self._offset = 0
         self._identity: tuple[int, int] | None = None  # (device, inode): a replaced file is read anew
@@ -190,7 +188,7 @@ class Ledger:
     def append(self, *entries: Entry) -> None:
         """Blocking: run in a thread. fsynced before it returns."""
         line = b"".join(entry.line() for entry in entries)
-        with self._lock:
+        with locked_file(self.lock_path):
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 size = os.fstat(fd).st_size

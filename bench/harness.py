@@ -94,15 +94,17 @@ class Bench:
         ready_path: str = "/api/health",
         without: Iterable[str] = (),
         gc_log: Path | None = None,
+        service_dir: Path | None = None,
     ) -> Service:
         """Start the service on `data_dir` and wait for its first 200 on `ready_path`. `without`:
-        optimisations to switch off (see bench/launch.py)."""
+        optimisations to switch off (see bench/launch.py); `service_dir`: another checkout's."""
         port = free_port()
         extra = [arg for name in without for arg in ("--without", name)]
         extra += ["--gc-log", str(gc_log)] if gc_log else []
         env = service_env(self.upstream, data_dir, port, self.args.log_level)
         log_path = self.run_dir / f"service-{port}.log"
-        service = spawn_service(self.children, self.args.service_dir, env, data_dir, log_path, extra)
+        where = service_dir or self.args.service_dir
+        service = spawn_service(self.children, where, env, data_dir, log_path, extra)
         service.started_in = await wait_ready(
             service.proc, service.url + ready_path, log_path, service.launched
         )

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--service-dir", type=Path, default=ROOT, help="the checkout whose main.py runs")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (data and logs)")
+    parser.add_argument(
+        "--before-dir", type=Path, help="a checkout of the code before issues 7-14, for the `before` scenario"
+    )
     return parser.parse_args(argv)
 
 

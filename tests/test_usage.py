@@ -16,6 +16,7 @@ from genai_prices import calc_price
 from pydantic import ValidationError
 
 import main
+import storage
 import usage
 from tests.conftest import ledger_lines, parse_events, settings_for
 from tests.fake_upstream import FakeUpstream, Reply
@@ -341,7 +342,7 @@ def test_a_budget_that_can_never_trip_is_said_at_start(
 def test_ledger_appends_exclude_each_other_within_one_process_too(tmp_path: Path) -> None:
     book = usage.Ledger(tmp_path)
     entry = usage.Entry("openai", "m", 1, 2, False, 0.5, None)
-    with book._lock:  # an append in progress in this process, as another worker thread would hold it
+    with storage.locked_file(book.lock_path):  # an append in progress in this process, in another thread
         other = threading.Thread(target=book.append, args=(entry,))
         other.start()
         other.join(timeout=0.5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from bench.harness import Scenario
 from bench.scenarios import (
     append,
+    before,
     cold_start,
     health,
     large,
@@ -30,6 +31,7 @@ from bench.scenarios import (
 
 ALL: list[Scenario] = [
     turns.SCENARIO,
+    before.SCENARIO,
     streaming.SCENARIO,
     health.SCENARIO,
     append.SCENARIO,
