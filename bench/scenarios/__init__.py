@@ -16,6 +16,7 @@ from __future__ import annotations
 from bench.harness import Scenario
 from bench.scenarios import (
     append,
+    checkpoints,
     cold_start,
     health,
     large,
@@ -38,6 +39,7 @@ ALL: list[Scenario] = [
     cold_start.SCENARIO,
     optimisations.SCENARIO,
     reattach.SCENARIO,
+    checkpoints.SCENARIO,
     v1.SCENARIO,
     litellm.SCENARIO,
 ]
