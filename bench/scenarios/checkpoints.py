@@ -280,7 +280,8 @@ def report(bench: Bench, runs: dict[str, list[Batch]], chunks: int, one: Stats) 
         f"Checkpoints: CPU added to the service's over {STREAMS} streams",
         "< 10%",
         f"{added:.1f}% (per repeat: {', '.join(f'{s:.1f}' for s in share)}); "
-        f"{fmt_ms(statistics.median(workers)) if workers else '-'} ms a checkpoint",
+        f"{fmt_ms(statistics.median(workers)) if workers else '-'} ms a checkpoint, "
+        f"{spread(of_core, '%', 1)} of one core",
         added < 10,
     )
 
