@@ -40,9 +40,7 @@ STREAMS = 50
 DELAY = 0.02
 INTERVAL = 2.0  # generation.CHECKPOINT_SECONDS, for the expected count
 WITH, WITHOUT = "with checkpoints", "without checkpoints"
-GENERATION_LINE = re.compile(
-    rb"generation conversation=\S+ .*status=(\S+) .*checkpoints=(\d+) seconds=([0-9.]+)"
-)
+GENERATION_LINE = re.compile(rb"generation conversation=\S+ .*status=(\S+) .*checkpoints=(\d+)")
 
 
 @dataclass
@@ -58,7 +56,6 @@ class Batch:
     cpu: float  # the service's CPU seconds over `wall`
     loop: float  # of which in its main thread (the event loop)
     checkpoints: int
-    expected: int  # at most: one every INTERVAL of each generation's life
 
     @property
     def workers(self) -> float:
@@ -94,14 +91,14 @@ async def read_stream(bench: Bench, url: str, chunks: int) -> Stream:
     return Stream(time.perf_counter() - started, longest)
 
 
-async def saved_lines(service: Service, offset: int, count: int) -> list[tuple[bytes, int, float]]:
-    """(status, checkpoints, seconds) of the first `count` generation log lines past `offset`: each
-    is written once its reply is saved, so waiting for them waits for the saves."""
-    found: list[tuple[bytes, int, float]] = []
+async def saved_lines(service: Service, offset: int, count: int) -> list[tuple[bytes, int]]:
+    """(status, checkpoints) of the first `count` generation log lines past `offset`: each is
+    written once its reply is saved, so waiting for them waits for the saves."""
+    found: list[tuple[bytes, int]] = []
     for _ in range(600):
         with service.log_path.open("rb") as log:
             log.seek(offset)
-            found = [(m[1], int(m[2]), float(m[3])) for m in GENERATION_LINE.finditer(log.read())]
+            found = [(m[1], int(m[2])) for m in GENERATION_LINE.finditer(log.read())]
         if len(found) >= count:
             return found[:count]
         await asyncio.sleep(0.05)
@@ -120,11 +117,9 @@ async def batch(bench: Bench, service: Service, chunks: int) -> Batch:
     lines = await saved_lines(service, offset, STREAMS)
     wall = time.perf_counter() - started
     cpu, loop = cpu_seconds(service.pid) - cpu, loop_cpu_seconds(service.pid) - loop
-    if any(status != b"complete" for status, _, _ in lines):
-        raise RuntimeError(f"replies not saved complete: {sorted({s.decode() for s, _, _ in lines})}")
-    written = sum(n for _, n, _ in lines)
-    expected = sum(int(seconds / INTERVAL) for _, _, seconds in lines)
-    return Batch(list(streams), wall, cpu, loop, written, expected)
+    if any(status != b"complete" for status, _ in lines):
+        raise RuntimeError(f"replies not saved complete: {sorted({s.decode() for s, _ in lines})}")
+    return Batch(list(streams), wall, cpu, loop, sum(n for _, n in lines))
 
 
 async def alone(bench: Bench, chars: int, samples: int) -> Stats:
@@ -215,12 +210,14 @@ def report(bench: Bench, runs: dict[str, list[Batch]], chunks: int, one: Stats) 
         }
         bench.row(name, cells, note)
 
-    core = {name: spread([100 * b.cpu / b.wall for b in batches], digits=0) for name, batches in runs.items()}
+    cores = {
+        name: spread([100 * b.cpu / b.wall for b in batches], digits=0) for name, batches in runs.items()
+    }
     cpu_row(
         "service CPU over the streams (s)",
         lambda b: b.cpu,
         "median over repeats (range); from the first request until every reply is saved; in % of "
-        f"one core: without {core[WITHOUT]}, with {core[WITH]}",
+        f"one core: without {cores[WITHOUT]}, with {cores[WITH]}",
     )
     cpu_row("  of which the event loop (s)", lambda b: b.loop, "the service's main thread")
     cpu_row(
@@ -235,8 +232,8 @@ def report(bench: Bench, runs: dict[str, list[Batch]], chunks: int, one: Stats) 
             f"{WITHOUT} p50 / p99": spread([float(o.checkpoints) for _, o in pairs(runs)], digits=0),
             f"{WITH} p50 / p99": spread([float(c) for c in counts], digits=0),
         },
-        "per batch, from the generations' log lines; at most one every 2 s of each generation's "
-        f"life (none before its first text): {spread([float(w.expected) for w, _ in pairs(runs)], digits=0)}",
+        f"per batch, from the generations' log lines; one every {INTERVAL:.0f} s of {STREAMS} "
+        f"replies of {chunks * DELAY:.0f} s: about {STREAMS * int(chunks * DELAY / INTERVAL)}",
     )
     workers = [1000 * (w.workers - o.workers) / w.checkpoints for w, o in pairs(runs) if w.checkpoints]
     total = [1000 * (w.cpu - o.cpu) / w.checkpoints for w, o in pairs(runs) if w.checkpoints]
@@ -268,7 +265,6 @@ def report(bench: Bench, runs: dict[str, list[Batch]], chunks: int, one: Stats) 
                 "loop": b.loop,
                 "wall": b.wall,
                 "checkpoints": b.checkpoints,
-                "expected": b.expected,
             }
             for b in batches
         ]
@@ -280,9 +276,17 @@ def report(bench: Bench, runs: dict[str, list[Batch]], chunks: int, one: Stats) 
         f"Checkpoints: CPU added to the service's over {STREAMS} streams",
         "< 10%",
         f"{added:.1f}% (per repeat: {', '.join(f'{s:.1f}' for s in share)}); "
-        f"{fmt_ms(statistics.median(workers)) if workers else '-'} ms a checkpoint, "
-        f"{spread(of_core, '%', 1)} of one core",
+        f"{fmt_ms(statistics.median(workers)) if workers else '-'} ms a checkpoint",
         added < 10,
+    )
+    # The share above depends on how fast the fake streams (a slower model costs the service less
+    # per second, its checkpoints the same); this one is the capacity the checkpoints take.
+    core = statistics.median(of_core) if of_core else float("nan")
+    bench.target(
+        f"Checkpoints of {STREAMS} running replies, in one core",
+        "< 10%",
+        f"{spread(of_core, '%', 1)} ({spread([float(c) for c in counts], digits=0)} writes a batch)",
+        core < 10,
     )
 
 
