@@ -1,11 +1,14 @@
 """Run a checkout's `main.py` as `python main.py` would, optionally without one of the optimisations
 the first benchmark drove, so that each can be measured against the code as it is:
 
-    python bench/launch.py SERVICE_DIR [--without cache|gc-freeze|first-yield]... [--gc-log FILE]
+    python bench/launch.py SERVICE_DIR [--without cache|gc-freeze|first-yield|checkpoints]...
+                           [--gc-log FILE]
 
 - `cache`: storage's `RecentConversations` keeps nothing (every change reads and parses the file).
 - `gc-freeze`: `gc.freeze()` after start-up does nothing.
 - `first-yield`: the `await asyncio.sleep(0)` in chat.py's pump does not yield.
+- `checkpoints`: a running reply is never checkpointed to disk (generation.py's checkpoint loop
+  returns at once, as it does for a title); only its placeholder and its final save are written.
 - `--gc-log FILE`: at exit, write the count and the CPU time of the garbage collections, per
   generation, as JSON (CPU time of the thread, so that other work on the machine is not in it).
 
@@ -62,7 +65,24 @@ def without_first_yield() -> None:
     chat.asyncio = NoYieldAsyncio("asyncio")  # type: ignore[attr-defined]
 
 
-SWITCHES = {"cache": without_cache, "gc-freeze": without_gc_freeze, "first-yield": without_first_yield}
+def without_checkpoints() -> None:
+    generation = importlib.import_module("generation")
+    cls = getattr(generation, "Generation", None)
+    if cls is None or not hasattr(cls, "_checkpoint_loop"):
+        raise SystemExit(3)
+
+    async def no_checkpoints(self: Any) -> None:
+        return None
+
+    cls._checkpoint_loop = no_checkpoints
+
+
+SWITCHES = {
+    "cache": without_cache,
+    "gc-freeze": without_gc_freeze,
+    "first-yield": without_first_yield,
+    "checkpoints": without_checkpoints,
+}
 
 
 def log_collections(path: Path) -> None:

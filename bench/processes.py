@@ -83,6 +83,16 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def loop_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process's main thread (the service's event loop; its
+    other threads are worker threads: storage's writes, the index, the usage ledger)."""
+    try:
+        threads = psutil.Process(pid).threads()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return sum(float(t.user_time + t.system_time) for t in threads if t.id == pid)
+
+
 def memory_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MB; VmHWM, the peak, is Linux's and not in psutil."""
     try:

@@ -17,6 +17,7 @@ from bench.harness import Scenario
 from bench.scenarios import (
     append,
     before,
+    checkpoints,
     cold_start,
     health,
     large,
@@ -40,6 +41,7 @@ ALL: list[Scenario] = [
     cold_start.SCENARIO,
     optimisations.SCENARIO,
     reattach.SCENARIO,
+    checkpoints.SCENARIO,
     v1.SCENARIO,
     litellm.SCENARIO,
 ]
