@@ -245,6 +245,10 @@ class Generations:
         if self.usage is not None:
             self.usage.check_budget(provider)
 
+    def has_budget(self, provider: str) -> bool:
+        """Whether `provider` has a budget to check at all (most have none: no thread hop then)."""
+        return self.usage is not None and bool(self.usage.budgets.get(provider))
+
     def start(self, generation: Generation) -> Generation:
         """The one place a generation starts: registered, then run as a task of its own."""
         generation.usage = self.usage

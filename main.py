@@ -443,6 +443,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERRORS,
         docs_url=None,  # served by add_docs, from the project's own copy of Swagger UI
         redoc_url=None,
+        # FastAPI's OpenTelemetry: off, like any telemetry of a personal service (and it cost a
+        # check on every request)
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.index = SearchIndex(settings.data_dir)

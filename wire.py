@@ -316,7 +316,8 @@ async def answer(
         generations: Generations = request.app.state.generations
         generations.admit(client_key(request))  # rate and concurrency limits, as for /api/chat
         try:
-            await anyio.to_thread.run_sync(generations.check_budget, provider.name)
+            if generations.has_budget(provider.name):
+                await anyio.to_thread.run_sync(generations.check_budget, provider.name)
         except BaseException:
             generations.release()
             raise
