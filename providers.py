@@ -388,6 +388,9 @@ class Provider:
         httpx2.Response, body not read yet) while it is open. An answer that is not a success is
         raised as the ProviderError the SDK's exception for it would be translated to."""
         body = orjson.dumps(self.body(request, stream=stream))
+        if log.isEnabledFor(logging.DEBUG):  # never the body: it holds the conversation
+            where = f"{self.where.rstrip('/')}/{self.chat_path}"
+            log.debug("%s: POST %s, model %s, %d bytes", self.name, where, request.model, len(body))
         http = self._http
         response = await http.send(
             http.build_request("POST", self._chat_url, content=body, headers=self._headers), stream=True
