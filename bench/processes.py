@@ -129,6 +129,22 @@ def start_upstream(children: Children, log: Path) -> Upstream:
     return Upstream(proc, int(line.split()[1]))
 
 
+def start_floor(children: Children, upstream: Upstream, log: Path) -> str:
+    """`bench.floor`, the least a Python proxy on this stack adds; its URL."""
+    proc = children.spawn(
+        [sys.executable, "-m", "bench.floor", "--port", "0", "--upstream", upstream.url],
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=log.open("wb"),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line.startswith("PORT "):
+        raise RuntimeError(f"the floor proxy did not start: {line!r}")
+    return f"http://127.0.0.1:{int(line.split()[1])}"
+
+
 @dataclass
 class Service:
     proc: psutil.Popen

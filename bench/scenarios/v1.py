@@ -2,8 +2,10 @@
 `/v1/chat/completions`, and (for scale) as a turn of its own API, side by side.
 
 Non-streaming: one short question (stateless on `/v1`: nothing is written; the `/api/chat` turn
-writes twice). Streaming: a reply of 1,000 chunks, whose cost per chunk should be no higher on
-`/v1` than on `/api/chat`.
+writes twice), also through `bench.floor` (the least any Python proxy on this stack adds: a bare
+ASGI app that posts the request upstream with httpx2) and, with `--vs-litellm`, through LiteLLM's
+proxy. Streaming: a reply of 1,000 chunks, whose cost per chunk should be no higher on `/v1` than
+on `/api/chat`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import time
 from functools import partial
 
 from bench.exchanges import Timing, chat_completion, service_stream, service_turn
-from bench.harness import Bench, Measured, Scenario
-from bench.processes import MODELS
+from bench.harness import Bench, Measured, Scenario, Step
+from bench.litellm import MASTER_KEY
+from bench.processes import MODELS, start_floor
+from bench.stats import spread
 
 REPEATS = 5
 QUESTION = [{"role": "user", "content": "how is the weather today?"}]
@@ -29,12 +33,17 @@ async def run(bench: Bench) -> None:
         await service_turn(bench.client, service.url, "openai", None, QUESTION[0]["content"])
         return time.perf_counter() - started
 
-    steps = {
+    floor = start_floor(bench.children, bench.upstream, bench.run_dir / "floor.log")
+    steps: dict[str, Step] = {
         "direct": partial(chat_completion, bench.client, direct_url, QUESTION, False),
         "/v1": partial(chat_completion, bench.client, v1_url, QUESTION, False, model=MODEL),
         "/api/chat": api_turn,
+        "floor": partial(chat_completion, bench.client, floor + "/v1", QUESTION, False, model=MODEL),
     }
-    measured = await bench.measure(steps, REPEATS, bench.count(20, 4), warmup=5)  # type: ignore[arg-type]
+    if bench.args.vs_litellm:
+        proxy = await bench.litellm()
+        steps["LiteLLM"] = partial(chat_completion, bench.client, proxy, QUESTION, False, MASTER_KEY)
+    measured = await bench.measure(steps, REPEATS, bench.count(20, 4), warmup=5)
     row(
         bench,
         "non-streaming call, c=1",
@@ -42,11 +51,23 @@ async def run(bench: Bench) -> None:
         "total",
         "/v1: stateless; /api/chat: a new conversation each",
     )
-    v1 = measured.compare("/v1")
+    v1, least = measured.compare("/v1"), measured.compare("floor")
+    cells = least.cells("floor")
+    cells["/v1 added / floor added"] = spread(
+        [a / b for a, b in zip(v1.added, least.added, strict=True) if b > 0], "x", 2
+    )
+    if "LiteLLM" in steps:
+        litellm = measured.compare("LiteLLM")
+        cells.update(litellm.cells("LiteLLM"))
+        shares = [a / b for a, b in zip(v1.added, litellm.added, strict=True) if b > 0]
+        cells["/v1 added / LiteLLM added"] = spread(shares, "x", 2)
+    bench.row("non-streaming call, c=1: against a bare proxy", cells, "floor: bench/floor.py", table="floor")
+    bench.results["v1_floor"] = {"floor": vars(least), "v1": vars(v1)}
     bench.target(
         "/v1 added p50 per call, c=1",
         "< 1 ms",
-        f"{min(v1.added):.1f}-{max(v1.added):.1f} ms over repeats",
+        f"{min(v1.added):.1f}-{max(v1.added):.1f} ms over repeats (a bare proxy: "
+        f"{min(least.added):.1f}-{max(least.added):.1f} ms)",
         max(v1.added) < 1.0,
     )
 
@@ -60,7 +81,7 @@ async def run(bench: Bench) -> None:
         "/v1": partial(chat_completion, bench.client, v1_url, ask, True, model=MODEL),
         "/api/chat": api_stream,
     }
-    measured = await bench.measure(steps, REPEATS, bench.count(3, 1), warmup=2)  # type: ignore[arg-type]
+    measured = await bench.measure(steps, REPEATS, bench.count(3, 1), warmup=2)
     row(bench, "stream 1,000 chunks: total", measured, "total")
     v1_added = min(measured.compare("/v1").added)
     api_added = min(measured.compare("/api/chat").added)
