@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -365,3 +366,39 @@ def test_nonsense_token_counts_are_estimated_and_the_reply_saved(
     assert line["estimated"] is True and line["cost"] == body["message"]["cost"] > 0
     # and should a count reach the price table that it refuses, the cost is unknown, not an error
     assert usage.Prices({}).cost("openai", "gpt-4o-mini", -5, 3) is None
+
+
+def test_an_entry_counts_at_once_and_once_while_its_line_is_written_behind(tmp_path: Path) -> None:
+    book = usage.Usage(tmp_path, prices={"m/*": 1.0}, rate_limit=None, max_concurrent=None, budgets={})
+    counts: list[int] = []
+
+    async def main() -> None:
+        for i in range(200):
+            await book.record(
+                provider="m",
+                model="x",
+                input_tokens=1,
+                output_tokens=1,
+                estimated=False,
+                conversation_id=None,
+            )
+            # counted at once, and never twice while a batch moves from memory to the file
+            totals = await asyncio.to_thread(book.totals)
+            counts.append(sum(t.requests for t in totals.values()))
+            if i % 7 == 0:
+                await asyncio.sleep(0.001)  # let the writer take a batch now and then
+        await book.flush()
+
+    asyncio.run(main())
+    assert counts == list(range(1, 201))
+    assert len((tmp_path / "usage.jsonl").read_bytes().splitlines()) == 200  # every line, once
+    assert sum(t.requests for t in book.totals().values()) == 200
+
+
+def test_shutdown_writes_every_counted_line(upstream: FakeUpstream, data_dir: Path) -> None:
+    app = main.create_app(settings_for(upstream, data_dir))
+    with TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000)) as client:
+        for _ in range(3):
+            chat(client)
+    # the app has shut down: its lines are on disk without waiting for anything
+    assert len((data_dir / "usage.jsonl").read_bytes().splitlines()) == 3
