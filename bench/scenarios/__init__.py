@@ -22,6 +22,7 @@ from bench.scenarios import (
     listing,
     litellm,
     optimisations,
+    page,
     reattach,
     streaming,
     turns,
@@ -39,5 +40,6 @@ ALL: list[Scenario] = [
     optimisations.SCENARIO,
     reattach.SCENARIO,
     v1.SCENARIO,
+    page.SCENARIO,
     litellm.SCENARIO,
 ]
