@@ -55,10 +55,10 @@ FCP_JS = """() => new Promise((resolve) => {
   }).observe({ type: "paint", buffered: true });
 })"""
 
-# What a load transferred: the document and every resource, by kind.
-BYTES_JS = """() => {
+# What a load transferred: the page's files, and the API calls (with /openapi.json) apart.
+BYTES_JS = r"""() => {
   const all = [...performance.getEntriesByType("navigation"), ...performance.getEntriesByType("resource")];
-  const isApi = (e) => new URL(e.name).pathname.startsWith("/api/");
+  const isApi = (e) => /^\/(api\/|openapi\.json$)/.test(new URL(e.name).pathname);
   const sum = (list, key) => list.reduce((n, e) => n + e[key], 0);
   const files = all.filter((e) => !isApi(e)), api = all.filter(isApi);
   return {
@@ -283,7 +283,8 @@ async def first_paint(bench: Bench, browser: Browser, page_url: str, plain_url: 
         "what a cold load of / transfers",
         {"page p50 / p99": f"{sizes['fileBytes'] / 1024:.0f} KB in {sizes['files']} requests"},
         f"files (document, scripts, styles, icon; {sizes['fileBody'] / 1024:.0f} KB of bodies, "
-        f"uncompressed); then {sizes['api']} API calls, {sizes['apiBytes'] / 1024:.1f} KB",
+        f"uncompressed); then {sizes['api']} API calls (the schema, for the page's capabilities; models; "
+        f"the list), {sizes['apiBytes'] / 1024:.1f} KB",
     )
     bench.results["page_fcp"] = {"cold": vars(cold_fcp), "warm": vars(warm_fcp), "transfer": sizes}
     ratio = statistics.median(cold_fcp.ratios) if cold_fcp.ratios else float("nan")
