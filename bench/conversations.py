@@ -25,8 +25,43 @@ def text_of(chars: int, rng: random.Random) -> str:
     return " ".join(words)[:chars]
 
 
-def make_conversation(messages: int, chars: int, rng: random.Random) -> storage.Conversation:
-    """Alternating user/assistant messages of about `chars` characters each."""
+LANGUAGES = ("python", "javascript", "bash", "sql")
+
+
+def inline_of(chars: int, rng: random.Random) -> str:
+    """Words with now and then a **bold** phrase or an `inline code` span."""
+    words = text_of(chars, rng).split(" ")
+    for _ in range(len(words) // 12):
+        i = rng.randrange(len(words))
+        words[i] = f"**{words[i]}**" if rng.random() < 0.5 else f"`{words[i]}()`"
+    return " ".join(words)
+
+
+def markdown_of(chars: int, rng: random.Random) -> str:
+    """A reply as a model writes one, of about `chars` characters: paragraphs, now and then a list
+    (bulleted or numbered) or a fenced code block with a language."""
+    blocks: list[str] = []
+    size = 0
+    while size < chars:
+        kind = rng.random()
+        if kind < 0.2 and blocks:
+            bullet = "- " if rng.random() < 0.6 else "1. "
+            block = "\n".join(bullet + inline_of(rng.randint(30, 90), rng) for _ in range(rng.randint(3, 6)))
+        elif kind < 0.3 and blocks:
+            lines = [f"    {text_of(rng.randint(15, 50), rng).replace(' ', '_')} = {i}" for i in range(5)]
+            block = f"```{rng.choice(LANGUAGES)}\ndef f():\n" + "\n".join(lines) + "\n    return 0\n```"
+        else:
+            block = inline_of(rng.randint(150, 400), rng).capitalize() + "."
+        blocks.append(block)
+        size += len(block) + 2
+    return "\n\n".join(blocks)
+
+
+def make_conversation(
+    messages: int, chars: int, rng: random.Random, markdown: bool = False
+) -> storage.Conversation:
+    """Alternating user/assistant messages of about `chars` characters each; with `markdown`, the
+    replies are Markdown (`markdown_of`) and the questions plain text."""
     conversation = storage.new_conversation(model=MODEL, system=None, params=PARAMS.copy(), title="bench")
     parent: str | None = None
     for i in range(messages):
@@ -34,7 +69,7 @@ def make_conversation(messages: int, chars: int, rng: random.Random) -> storage.
             "id": storage.new_id(),
             "parent_id": parent,
             "role": "user" if i % 2 == 0 else "assistant",
-            "content": text_of(chars, rng),
+            "content": markdown_of(chars, rng) if markdown and i % 2 else text_of(chars, rng),
             "created_at": storage.now(),
         }
         if message["role"] == "assistant":

@@ -3,7 +3,8 @@
 It is `tests.fake_upstream.FakeUpstream` (unchanged) with one addition: the reply is chosen by the
 request. The last user message may carry `chunks=N` (a reply of N deltas of 4 characters each,
 `000 `, `001 `, ...: consecutive deltas differ, as LiteLLM refuses a stream that repeats one) and
-`delay=S` (seconds between deltas). Without them the fake's default echo reply
+`delay=S` (seconds between deltas) and `md` (the reply is Markdown of about 4N characters, from
+`bench.conversations.markdown_of`, in N deltas). Without them the fake's default echo reply
 is used (`You said: ...`, one delta per word). Prints `PORT <n>` on stdout once it listens.
 """
 
@@ -11,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import random
 import re
 import signal
 import sys
 import threading
 from typing import Any
 
+from bench.conversations import markdown_of
 from tests.fake_upstream import FakeUpstream, Reply, _last_user_text
 
 CHUNKS_RE = re.compile(r"\bchunks=(\d+)")
 DELAY_RE = re.compile(r"\bdelay=([0-9.]+)")
+MARKDOWN_RE = re.compile(r"\bmd\b")
 
 _reply: contextvars.ContextVar[Reply | None] = contextvars.ContextVar("bench_reply", default=None)
 
@@ -33,7 +37,10 @@ def reply_for(body: dict[str, Any]) -> Reply | None:
     if chunks is None and delay is None:
         return None
     n = int(chunks.group(1)) if chunks else 50
-    text = "".join(f"{i % 1000:03d} " for i in range(n))
+    if MARKDOWN_RE.search(text):
+        text = markdown_of(4 * n, random.Random(n))
+    else:
+        text = "".join(f"{i % 1000:03d} " for i in range(n))
     return Reply(text=text, chunks=n, chunk_delay=float(delay.group(1)) if delay else 0.0)
 
 

@@ -660,9 +660,52 @@ function scheduleRender(live) {
   live.frame = requestAnimationFrame(() => {
     live.frame = 0;
     const follow = nearEnd();
-    renderMarkdown(live.li.querySelector(".content"), live.text, { final: false });
+    renderLive(live);
     if (follow) scrollToEnd();
   });
+}
+
+// A frame renders only what can still change: the blocks before the last block boundary are
+// settled, rendered once and kept; the rest (the tail) is rendered again. So a frame costs the
+// last block, not the whole reply. The whole reply is rendered once more when it ends.
+function renderLive(live) {
+  const content = live.li.querySelector(".content");
+  let view = live.view;
+  if (!view || !live.text.startsWith(view.settled)) {
+    content.replaceChildren(); // a new reply, or its text sent again from the start
+    view = live.view = { settled: "", tail: [] };
+  }
+  const end = settledEnd(live.text, view.settled.length);
+  if (end > view.settled.length) {
+    for (const node of view.tail) node.remove();
+    content.append(...renderedNodes(live.text.slice(view.settled.length, end)));
+    view.settled = live.text.slice(0, end);
+  }
+  for (const node of view.tail) node.remove();
+  view.tail = renderedNodes(live.text.slice(view.settled.length));
+  content.append(...view.tail);
+}
+
+function renderedNodes(text) {
+  const box = document.createElement("div");
+  renderMarkdown(box, text, { final: false });
+  return [...box.childNodes];
+}
+
+// Where the last complete line after a blank line, outside a code fence, starts a block that
+// cannot join the one before it (not indented, not a list item); `from` if there is none.
+function settledEnd(text, from) {
+  let end = from;
+  let fenced = false;
+  let blank = false;
+  for (let start = from, stop; (stop = text.indexOf("\n", start)) >= 0; start = stop + 1) {
+    const line = text.slice(start, stop);
+    const empty = line.trim() === "";
+    if (!fenced && blank && !empty && !/^(\s|[-*+]\s|\d+[.)]\s)/.test(line)) end = start;
+    if (/^ {0,3}(```|~~~)/.test(line)) fenced = !fenced;
+    blank = !fenced && empty;
+  }
+  return end;
 }
 
 function markStopped(live) {

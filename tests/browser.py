@@ -32,9 +32,14 @@ CHROMIUM_ARGS = [
 ]
 
 
+def installed_chromium() -> str | None:
+    """Debian's `chromium` if it is installed (the benchmark's check: it never installs anything)."""
+    return shutil.which("chromium")
+
+
 def chromium_path() -> str:
     """Debian's `chromium`; installed with apt when missing and we may; else the run stops."""
-    found = shutil.which("chromium")
+    found = installed_chromium()
     if found:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
@@ -44,7 +49,7 @@ def chromium_path() -> str:
             if done.returncode != 0:
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
                 pytest.exit(f"{' '.join(command)} failed ({' '.join(tail)}); {INSTALL_HINT}", returncode=1)
-        found = shutil.which("chromium")
+        found = installed_chromium()
         if found:
             return found
     pytest.exit(INSTALL_HINT, returncode=1)  # never a skip: in CI a missing browser is a failure

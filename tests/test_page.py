@@ -195,6 +195,42 @@ def test_chat_streams_renders_markdown_and_saves(app: App) -> None:
     app.watch.assert_clean()
 
 
+KEEP_WATCH_JS = """() => {
+  const li = document.querySelector("#messages .msg.assistant");
+  const content = li.querySelector(".content");
+  const paragraph = content.querySelector(":scope > p");
+  const watch = { generating: li.dataset.status === "generating", ended: false, renders: 0, removed: false };
+  window.__keep = watch;
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (watch.ended) return;
+      if (r.target === li && r.attributeName === "data-status") watch.ended = true;
+      else if (r.target === content) watch.renders += 1;
+      if ([...r.removedNodes].includes(paragraph)) watch.removed = true;
+    }
+  }).observe(li, { subtree: true, childList: true, attributes: true });
+  return watch.generating;
+}"""
+
+
+def test_a_streaming_reply_renders_its_finished_blocks_once(app: App) -> None:
+    paragraphs = [f"Paragraph {i} with **bold** " + "word " * 15 for i in range(6)]
+    app.upstream.script(Reply(text="\n\n".join(paragraphs), chunks=60, chunk_delay=0.1))
+    app.send("several paragraphs")
+    reply = app.page.locator("#messages .msg.assistant").first
+    expect(reply.locator(".content")).to_contain_text("Paragraph 2")
+    # paragraph 0 is settled once paragraph 1 is complete: the frames after it leave it alone
+    assert app.page.evaluate(KEEP_WATCH_JS), "the reply ended before it could be watched"
+    app.wait_reply_done()
+    watch = app.page.evaluate("window.__keep")
+    assert watch["ended"] and watch["renders"] > 0
+    assert not watch["removed"], "a finished paragraph was rendered again while the reply streamed"
+    # and the reply as a whole is rendered as one at the end
+    expect(reply.locator(".content > p")).to_have_count(6)
+    expect(reply.locator(".content strong")).to_have_count(6)
+    app.watch.assert_clean()
+
+
 def test_copy_button_copies_the_code(app: App) -> None:
     app.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=app.served.url)
     app.upstream.script(Reply(text="```\nprint('copied')\n```"))

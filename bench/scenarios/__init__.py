@@ -24,6 +24,7 @@ from bench.scenarios import (
     listing,
     litellm,
     optimisations,
+    page,
     reattach,
     streaming,
     turns,
@@ -43,5 +44,6 @@ ALL: list[Scenario] = [
     reattach.SCENARIO,
     checkpoints.SCENARIO,
     v1.SCENARIO,
+    page.SCENARIO,
     litellm.SCENARIO,
 ]
