@@ -134,6 +134,10 @@ class Generation:
             async for item in self.provider.stream(self.request):
                 if isinstance(item, str):
                     self._append(item)
+                    if len(self.parts) == 1:
+                        # let the followers send the first delta before the rest of this read is
+                        # parsed (a read can hold hundreds of events: BENCHMARKS.md, "first-yield")
+                        await asyncio.sleep(0)
                 else:
                     self.finish = item
         except ProviderError as exc:

@@ -6,7 +6,7 @@ the first benchmark drove, so that each can be measured against the code as it i
 
 - `cache`: storage's `RecentConversations` keeps nothing (every change reads and parses the file).
 - `gc-freeze`: `gc.freeze()` after start-up does nothing.
-- `first-yield`: the `await asyncio.sleep(0)` in chat.py's pump does not yield.
+- `first-yield`: the `await asyncio.sleep(0)` after a generation's first delta does not yield.
 - `checkpoints`: a running reply is never checkpointed to disk (generation.py's checkpoint loop
   returns at once, as it does for a title); only its placeholder and its final save are written.
 - `--gc-log FILE`: at exit, write the count and the CPU time of the garbage collections, per
@@ -59,10 +59,10 @@ class NoYieldAsyncio(types.ModuleType):
 
 
 def without_first_yield() -> None:
-    chat = importlib.import_module("chat")
-    if "asyncio.sleep(0)" not in inspect.getsource(chat):
+    generation = importlib.import_module("generation")
+    if "asyncio.sleep(0)" not in inspect.getsource(generation):
         raise SystemExit(3)
-    chat.asyncio = NoYieldAsyncio("asyncio")  # type: ignore[attr-defined]
+    generation.asyncio = NoYieldAsyncio("asyncio")  # type: ignore[attr-defined]
 
 
 def without_checkpoints() -> None:

@@ -3,7 +3,8 @@ same code with one of them switched off (`bench/launch.py --without NAME`), all 
 and measured in turn, so that the machine's noise hits them alike.
 
 - `cache` (storage's `RecentConversations`): a non-streaming turn in a 200-message conversation.
-- `first-yield` (the `sleep(0)` in chat.py's pump): time to the first delta of a 5,000-chunk reply.
+- `first-yield` (the `sleep(0)` after a generation's first delta, generation.py): time to the
+  first delta of a 5,000-chunk reply.
 - `gc-freeze` (main.py, after start-up): the pauses of the garbage collector over the whole
   workload (both of the above), from `gc.callbacks` in each service process.
 """
