@@ -114,25 +114,10 @@ class Upstream:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_upstream(children: Children, log: Path) -> Upstream:
-    """`bench.upstream`: the test suite's fake OpenAI/Anthropic server, reply chosen by the request."""
+def spawn_listening(children: Children, module: str, args: list[str], log: Path, what: str) -> Upstream:
+    """`python -m module --port 0 ...`, which prints `PORT <n>` once it listens."""
     proc = children.spawn(
-        [sys.executable, "-m", "bench.upstream", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log.open("wb"),
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    if not line.startswith("PORT "):
-        raise RuntimeError(f"the fake upstream did not start: {line!r}")
-    return Upstream(proc, int(line.split()[1]))
-
-
-def start_floor(children: Children, upstream: Upstream, log: Path) -> str:
-    """`bench.floor`, the least a Python proxy on this stack adds; its URL."""
-    proc = children.spawn(
-        [sys.executable, "-m", "bench.floor", "--port", "0", "--upstream", upstream.url],
+        [sys.executable, "-m", module, "--port", "0", *args],
         cwd=ROOT,
         env=clean_env(),
         stdout=subprocess.PIPE,
@@ -141,8 +126,18 @@ def start_floor(children: Children, upstream: Upstream, log: Path) -> str:
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if not line.startswith("PORT "):
-        raise RuntimeError(f"the floor proxy did not start: {line!r}")
-    return f"http://127.0.0.1:{int(line.split()[1])}"
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return Upstream(proc, int(line.split()[1]))
+
+
+def start_upstream(children: Children, log: Path) -> Upstream:
+    """`bench.upstream`: the test suite's fake OpenAI/Anthropic server, reply chosen by the request."""
+    return spawn_listening(children, "bench.upstream", [], log, "the fake upstream")
+
+
+def start_floor(children: Children, upstream: Upstream, log: Path) -> str:
+    """`bench.floor`, the least a Python proxy on this stack adds; its URL."""
+    return spawn_listening(children, "bench.floor", ["--upstream", upstream.url], log, "the floor proxy").url
 
 
 @dataclass
