@@ -324,8 +324,8 @@ def bounded_http_protocol(max_head_bytes: int) -> type[asyncio.Protocol]:
     httptools buffers a request line and headers of any size before Guard can count them (a 64 MiB
     header cost 77 MiB of RSS). This protocol counts the bytes received while a request's head is
     incomplete and, past `max_head_bytes`, answers 431 and closes the connection, as h11's
-    `max_incomplete_event_size` does. Heads that arrive whole in one read may pass it; Guard's 431
-    is the exact limit.
+    `max_incomplete_event_size` does. The read a head begins in is not counted (it may end an
+    earlier request), so a head may pass the limit by one read; Guard's 431 is the exact limit.
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -339,18 +339,25 @@ def bounded_http_protocol(max_head_bytes: int) -> type[asyncio.Protocol]:
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         head_bytes: int | None = None  # bytes of the request head so far; None: not inside one
+        heads = 0  # request heads begun on this connection
 
         def data_received(self, data: bytes) -> None:
+            heads = self.heads
             super().data_received(data)
-            if self.head_bytes is not None and not self.transport.is_closing():
-                self.head_bytes += len(data)
-                if self.head_bytes > max_head_bytes:
+            # Only a read that falls wholly inside one unfinished head counts: the read a head
+            # begins in may carry the end of an earlier request (its body) and is not counted.
+            if self.head_bytes is None or self.heads != heads or self.transport.is_closing():
+                return
+            self.head_bytes += len(data)
+            if self.head_bytes > max_head_bytes:
+                if self.cycle is None or self.cycle.response_complete:  # never inside another response
                     self.transport.write(answer)
-                    self.transport.close()
+                self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.head_bytes = 0
+            self.heads += 1
 
         def on_headers_complete(self) -> None:
             self.head_bytes = None

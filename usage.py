@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -80,9 +80,10 @@ class Prices:
         # and a miss scans every model of the provider (about 0.4 ms).
         self._unknown: set[tuple[str, str]] = set()
 
-    @property
-    def loaded(self) -> bool:
-        return self._table is not None
+    def needs_table(self, provider: str, model: str) -> bool:
+        """Whether pricing this generation needs the bundled table, not loaded yet."""
+        overridden = f"{provider}/{model}" in self.overrides or f"{provider}/*" in self.overrides
+        return self._table is None and provider in PRICED_PROVIDERS and not overridden
 
     def cost(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> float | None:
         """Blocking until the table is loaded (about a second): `load()` it first, in a thread."""
@@ -185,27 +186,31 @@ class Ledger:
         self._identity: tuple[int, int] | None = None  # (device, inode): a replaced file is read anew
         self._mutex = threading.Lock()
 
-    def append(self, *entries: Entry) -> None:
-        """Blocking: run in a thread. fsynced before it returns."""
+    def append(self, *entries: Entry, written: Callable[[], None] = lambda: None) -> None:
+        """Blocking: run in a thread. fsynced before it returns. `written` is called as the lines
+        reach the file, under the lock `totals` takes: a count sees them in one place or the other."""
         line = b"".join(entry.line() for entry in entries)
-        with locked_file(self.lock_path):
+        with locked_file(self.lock_path):  # may wait for another process: no other lock held
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     line = b"\n" + line  # the last line was torn by a crash: don't glue onto it
                 view = memoryview(line)
-                while view:
-                    view = view[os.write(fd, view) :]
+                with self._mutex:
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    written()
                 os.fsync(fd)
             finally:
                 os.close(fd)
 
-    def totals(self) -> dict[Bucket, Totals]:
-        """Every bucket, fresh from the file. Blocking: run in a thread."""
+    def totals(self, pending: Callable[[], list[Entry]] = list) -> tuple[dict[Bucket, Totals], list[Entry]]:
+        """Every bucket, fresh from the file (copies), and `pending()` taken at the same moment:
+        the entries counted but not yet written. Blocking: run in a thread."""
         with self._mutex:
             self._refresh()
-            return dict(self._buckets)
+            return {key: dataclasses.replace(t) for key, t in self._buckets.items()}, pending()
 
     def _refresh(self) -> None:
         try:
@@ -309,9 +314,9 @@ class Usage:
                     provider,
                 )
         self.max_concurrent = max_concurrent
-        self._unwritten: list[Entry] = []  # counted, not yet in the ledger
-        self._unwritten_lock = threading.Lock()  # held for list operations only
-        self._counting = threading.Lock()  # a batch moves from the list to the file inside it
+        self._unwritten: list[Entry] = []  # counted, not taken by the writer yet
+        self._writing: list[Entry] = []  # the batch being written
+        self._pending_lock = threading.Lock()  # held for list operations only
         self._writer: asyncio.Task[None] | None = None
         self._rate: Any = None
         self._rate_items: list[Any] = []
@@ -382,14 +387,15 @@ class Usage:
 
     def totals(self) -> dict[Bucket, Totals]:
         """Every bucket: the ledger's, and the entries not written to it yet. Blocking: in a thread."""
-        with self._counting:  # no batch is between the list and the file: each entry counts once
-            buckets = {key: dataclasses.replace(totals) for key, totals in self.ledger.totals().items()}
-            with self._unwritten_lock:
-                unwritten = list(self._unwritten)
-        for entry in unwritten:
+        buckets, pending = self.ledger.totals(self._pending)
+        for entry in pending:
             bucket = buckets.setdefault((entry.time[:10], entry.provider, entry.model), Totals())
             bucket.add(entry.totals())
         return buckets
+
+    def _pending(self) -> list[Entry]:
+        with self._pending_lock:
+            return [*self._writing, *self._unwritten]
 
     async def record(
         self,
@@ -402,38 +408,54 @@ class Usage:
         conversation_id: str | None,
     ) -> Entry:
         """Price a finished generation and count it; returns the entry. Its ledger line follows."""
-        if not self.prices.loaded:  # the bundled table's first load takes about a second
+        if self.prices.needs_table(provider, model):  # its first load takes about a second
             await anyio.to_thread.run_sync(self.prices.load)
         cost = self.prices.cost(provider, model, input_tokens, output_tokens)
         entry = Entry(provider, model, input_tokens, output_tokens, estimated, cost, conversation_id)
-        with self._unwritten_lock:
+        with self._pending_lock:
             self._unwritten.append(entry)
+        self._start_writer()
+        return entry
+
+    def _start_writer(self) -> None:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
-        return entry
 
     async def _write(self) -> None:
         """Append what was counted, in batches, until nothing is left (one fsync per batch)."""
-        while self._unwritten:
-            with self._unwritten_lock:
-                batch = list(self._unwritten)
-            with anyio.CancelScope(shield=True):  # a batch once taken is written
+        while True:
+            with self._pending_lock:  # taken out of the list: no second writer can take it again
+                batch, self._unwritten = self._unwritten, []
+                self._writing = batch
+            if not batch:
+                return
+            with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._append, batch)
 
     def _append(self, batch: list[Entry]) -> None:
         """A ledger that cannot be written is logged, not raised: the replies are the user's."""
-        with self._counting:
-            try:
-                self.ledger.append(*batch)
-            except OSError as exc:
-                log.error("could not append %d lines to %s: %s", len(batch), self.ledger.path, exc.strerror)
-            with self._unwritten_lock:
-                del self._unwritten[: len(batch)]
 
-    async def flush(self) -> None:
-        """Wait until every entry counted so far is in the ledger (shutdown; tests)."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.wait([self._writer])
+        def written() -> None:
+            with self._pending_lock:
+                self._writing = []
+
+        try:
+            self.ledger.append(*batch, written=written)
+        except Exception:
+            written()  # they will not reach the file: not counted any more either
+            log.exception("could not append %d lines to %s", len(batch), self.ledger.path)
+
+    async def flush(self, seconds: float = 10.0) -> None:
+        """Wait (at most `seconds`) until every entry counted so far is in the ledger."""
+        with anyio.move_on_after(seconds):
+            while True:
+                if self._unwritten:
+                    self._start_writer()
+                if self._writer is None or self._writer.done():
+                    return
+                await asyncio.wait([self._writer])
+        if left := len(self._pending()):
+            log.error("%d lines were not written to %s in %g s", left, self.ledger.path, seconds)
 
     async def record_reply(
         self,

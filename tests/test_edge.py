@@ -559,3 +559,22 @@ def test_data_and_env_are_found_beside_main_py_wherever_it_is_started(
     text = log.read_text()
     assert f"conversations are kept in {project / 'data' / 'conversations'}" in text
     assert f"settings from the environment and {project / '.env'}" in text
+
+
+def test_a_large_body_and_the_start_of_the_next_request_are_no_oversized_head(debug_service: Service) -> None:
+    """The bound counts only reads inside one unfinished head: a read that ends a large body and
+    begins the next request's head is not taken for a large head (no 431 written mid-stream)."""
+    port = int(debug_service.url.rsplit(":", 1)[1])
+    body = b'{"message": 5, "padding": "' + b"a" * (300 * 1024) + b'"}'
+    host = f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n".encode()
+    first = b"POST /api/chat HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\n"
+    first += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(first + b"GET /api/health HTTP/1.1\r\n" + host)  # the next head, unfinished
+        answer = b""
+        while b"HTTP/1.1 422" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 422") and b"431" not in answer, answer[:300]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -243,7 +244,7 @@ def test_ledger_survives_a_torn_line(tmp_path: Path) -> None:
     with open(book.path, "ab") as f:
         f.write(b'{"time": "2026-11-')  # a crash in the middle of an append
     book.append(usage.Entry("openai", "m", 3, 4, True, None, "a" * 32))
-    [(bucket, totals)] = usage.Ledger(tmp_path).totals().items()
+    [(bucket, totals)] = usage.Ledger(tmp_path).totals()[0].items()
     assert bucket[1:] == ("openai", "m")
     assert (totals.requests, totals.input_tokens, totals.output_tokens, totals.cost, totals.unpriced) == (
         2,
@@ -402,3 +403,57 @@ def test_shutdown_writes_every_counted_line(upstream: FakeUpstream, data_dir: Pa
             chat(client)
     # the app has shut down: its lines are on disk without waiting for anything
     assert len((data_dir / "usage.jsonl").read_bytes().splitlines()) == 3
+
+
+def test_a_ledger_that_cannot_be_written_is_logged_and_the_writer_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    book = usage.Usage(tmp_path, prices={}, rate_limit=None, max_concurrent=None, budgets={})
+    (tmp_path / "usage.jsonl").mkdir()  # a real fault: the ledger's path is a directory
+
+    async def main() -> None:
+        await book.record(
+            provider="m", model="x", input_tokens=1, output_tokens=1, estimated=False, conversation_id=None
+        )
+        await book.flush()
+        (tmp_path / "usage.jsonl").rmdir()
+        await book.record(
+            provider="m", model="y", input_tokens=2, output_tokens=2, estimated=False, conversation_id=None
+        )
+        await book.flush()
+
+    asyncio.run(main())
+    assert any("could not append 1 lines" in r.getMessage() for r in caplog.records)
+    lines = (tmp_path / "usage.jsonl").read_bytes().splitlines()
+    assert [orjson_model(line) for line in lines] == ["y"]  # the lost line is not counted either
+    assert [bucket[2] for bucket in book.totals()] == ["y"]
+
+
+def test_a_cancelled_writer_never_writes_a_line_twice(tmp_path: Path) -> None:
+    book = usage.Usage(tmp_path, prices={}, rate_limit=None, max_concurrent=None, budgets={})
+
+    async def main() -> None:
+        for model in ("a", "b"):
+            await book.record(
+                provider="m",
+                model=model,
+                input_tokens=1,
+                output_tokens=1,
+                estimated=False,
+                conversation_id=None,
+            )
+        assert book._writer is not None
+        book._writer.cancel()  # as a loop closing with tasks pending does
+        await book.record(
+            provider="m", model="c", input_tokens=1, output_tokens=1, estimated=False, conversation_id=None
+        )
+        await book.flush()
+
+    asyncio.run(main())
+    lines = (tmp_path / "usage.jsonl").read_bytes().splitlines()
+    assert sorted(orjson_model(line) for line in lines) == ["a", "b", "c"]
+
+
+def orjson_model(line: bytes) -> str:
+    model: str = json.loads(line)["model"]
+    return model
