@@ -385,7 +385,7 @@ class EventStream(Response):
             if len(reply["content"]) > self.after:
                 await body(sse("delta", {"text": reply["content"][self.after :]}, len(reply["content"])))
         else:
-            async with until_disconnect(receive, self.client_left) as watch:
+            async with until_disconnect(receive, leaving(generation, self.on_disconnect)) as watch:
                 async for item in generation.follow(self.after):
                     if item is None:
                         await body(b": keep-alive\n\n")
@@ -397,9 +397,15 @@ class EventStream(Response):
         name, data = ending(turn, reply)
         await body(sse(name, data), more=False)
 
-    def client_left(self) -> None:
-        if self.on_disconnect == "stop" and self.turn.generation is not None:
-            self.turn.generation.stop("disconnected")
+
+def leaving(generation: Generation, on_disconnect: OnDisconnect) -> Callable[[], None]:
+    """What a client going away does to the reply: "stop" ends it, "continue" lets it run."""
+
+    def left() -> None:
+        if on_disconnect == "stop":
+            generation.stop("disconnected")
+
+    return left
 
 
 async def answer_json(turn: Turn, receive: Receive, on_disconnect: OnDisconnect) -> Response:
@@ -407,12 +413,7 @@ async def answer_json(turn: Turn, receive: Receive, on_disconnect: OnDisconnect)
     generation = turn.generation
     if generation is None:
         return JSON({"conversation_id": turn.conversation_id, "message": turn.shown(turn.reply)})
-
-    def client_left() -> None:
-        if on_disconnect == "stop":
-            generation.stop("disconnected")
-
-    async with until_disconnect(receive, client_left) as watch:
+    async with until_disconnect(receive, leaving(generation, on_disconnect)) as watch:
         reply = await generation.wait()
     if watch.cancel_called:
         return Response(status_code=499)
@@ -512,19 +513,7 @@ async def regenerate(
     generations: GenerationsDep,
 ) -> Response:
     """A new reply to the same user message, beside the old one (which stays); answered as chat is."""
-    turn = await begin_turn(
-        store,
-        table,
-        generations,
-        client=client_key(request),
-        action="regenerate",
-        conversation_id=conversation_id,
-        message_id=message_id,
-        options=options_of(body),
-        default_model=request.app.state.default_model,
-        client_message_id=body.client_message_id,
-    )
-    return await start_and_answer(request, turn, body.stream, body.on_disconnect)
+    return await branch(request, store, table, generations, "regenerate", conversation_id, message_id, body)
 
 
 @router.post(f"{MESSAGE}/edit", response_model=ChatOut)
@@ -538,15 +527,29 @@ async def edit(
     generations: GenerationsDep,
 ) -> Response:
     """A new user message beside `message_id` (same parent) and a reply to it: a new branch."""
+    return await branch(request, store, table, generations, "edit", conversation_id, message_id, body)
+
+
+async def branch(
+    request: Request,
+    store: Store,
+    table: ProviderTable,
+    generations: Generations,
+    action: Literal["regenerate", "edit"],
+    conversation_id: str,
+    message_id: str,
+    body: RegenerateIn,  # or EditIn, its subclass with the new text
+) -> Response:
+    """Regenerate or edit: a turn that starts a new branch at `message_id`, answered as chat is."""
     turn = await begin_turn(
         store,
         table,
         generations,
         client=client_key(request),
-        action="edit",
+        action=action,
         conversation_id=conversation_id,
         message_id=message_id,
-        text=body.message,
+        text=body.message if isinstance(body, EditIn) else "",
         options=options_of(body),
         default_model=request.app.state.default_model,
         client_message_id=body.client_message_id,

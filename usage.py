@@ -138,9 +138,7 @@ class Entry:
         return orjson.dumps(self.__dict__) + b"\n"
 
     def totals(self) -> Totals:
-        if self.cost is None:
-            return Totals(1, self.input_tokens, self.output_tokens, unpriced=1)
-        return Totals(1, self.input_tokens, self.output_tokens, self.cost)
+        return Totals.one(self.input_tokens, self.output_tokens, self.cost)
 
 
 @dataclass
@@ -150,6 +148,13 @@ class Totals:
     output_tokens: int = 0
     cost: float = 0.0
     unpriced: int = 0  # generations whose cost is unknown: the cost total leaves them out
+
+    @classmethod
+    def one(cls, input_tokens: int, output_tokens: int, cost: object) -> Totals:
+        """One generation's totals; a cost that is not a number is an unknown price."""
+        if isinstance(cost, int | float):
+            return cls(1, input_tokens, output_tokens, float(cost))
+        return cls(1, input_tokens, output_tokens, unpriced=1)
 
     def add(self, other: Totals) -> None:
         self.requests += other.requests
@@ -237,12 +242,7 @@ class Ledger:
         try:
             line = orjson.loads(raw)
             bucket = (line["time"][:10], str(line["provider"]), str(line["model"]))
-            totals = Totals(1, int(line["input_tokens"]), int(line["output_tokens"]))
-            cost = line.get("cost")
-            if isinstance(cost, int | float):
-                totals.cost = float(cost)
-            else:
-                totals.unpriced = 1
+            totals = Totals.one(int(line["input_tokens"]), int(line["output_tokens"]), line.get("cost"))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             if raw.strip():
                 log.warning("skipped a malformed line in %s", self.path)

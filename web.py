@@ -75,7 +75,9 @@ def client_key(request: Request) -> str:
 
 
 @contextlib.asynccontextmanager
-async def until_disconnect(receive: Receive, gone: Callable[[], object]) -> AsyncIterator[anyio.CancelScope]:
+async def until_disconnect(
+    receive: Receive, gone: Callable[[], object] = lambda: None
+) -> AsyncIterator[anyio.CancelScope]:
     """A cancel scope that is cancelled, after `gone()` is called, when the client goes away.
 
     The watcher is a plain task, cancelled on the way out: an anyio task group's cancel costs ten

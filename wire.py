@@ -157,7 +157,7 @@ class Relay(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # A client that goes away cancels the read from the provider, which closes its connection.
-        async with until_disconnect(receive, lambda: None):
+        async with until_disconnect(receive):
             if self.exchange.stream:
                 async with anyio.create_task_group() as group:
                     await self.stream(scope, receive, send, group)
