@@ -894,7 +894,16 @@ def test_screenshots_of_the_main_states(
     shots: list[tuple[str, dict[str, Any]]] = [
         ("light", {"color_scheme": "light", "viewport": {"width": 1200, "height": 760}}),
         ("dark", {"color_scheme": "dark", "viewport": {"width": 1200, "height": 760}}),
-        ("phone", {"color_scheme": "light", "viewport": {"width": 390, "height": 760}, "is_mobile": True}),
+        # reduced motion: the side list is shown where it stops, not halfway through sliding in
+        (
+            "phone",
+            {
+                "color_scheme": "light",
+                "viewport": {"width": 390, "height": 760},
+                "is_mobile": True,
+                "reduced_motion": "reduce",
+            },
+        ),
     ]
     first = open_app(**shots[0][1])
     for title in ("Trip to Lisbon", "SQL window functions", "Bread recipe"):
