@@ -1,18 +1,20 @@
 """The dispatch table: a chat request for `provider/model` becomes a stream of text deltas.
 
 Every provider yields `str` deltas and then one `Finish` (reason and token usage). Each provider
-builds its SDK's client once (auth, base URL, headers, timeouts, and the HTTP connection pool,
-which is ours and handed to the SDK). A chat request is posted on that pool with the SDK's
-headers and a body encoded once with orjson, and its event stream is decoded here with orjson:
-the SDK's request building and typed iterators cost more than the rest of the exchange
-(BENCHMARKS.md). The SDK itself serves everything else (listing models, counting tokens).
-SDK, HTTP and transport errors are translated here into a few `ProviderError`s that carry the
-HTTP status the API answers. An SDK is imported (in a worker thread) when its provider is first used.
+builds its SDK's client once (auth, base URL, headers, timeouts). A chat request is posted with
+the SDK's headers and a body encoded once with orjson, on an aiohttp session of the provider's
+own (the transport the SDKs offer as their `aiohttp` extra), and its event stream is decoded here
+with orjson: the SDK's request building and typed iterators, and httpx2's transport under them,
+cost more than the rest of the exchange (BENCHMARKS.md). The SDK itself, on its default httpx2
+client, serves everything else (listing models, counting tokens). SDK, HTTP and transport errors
+are translated here into a few `ProviderError`s that carry the HTTP status the API answers. An
+SDK and aiohttp are imported (in a worker thread) when a provider is first used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import importlib
@@ -21,6 +23,7 @@ import math
 import sys
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,6 +40,8 @@ MODELS_TTL = 300.0
 MODELS_FAILURE_TTL = 30.0
 WINDOW_TIMEOUT = 3.0
 WINDOW_FAILURE_TTL = 30.0
+CONNECTIONS = 1000  # per provider, as the SDKs' own pools allow
+KEEPALIVE = 5.0  # seconds an idle connection is kept, as the SDKs' pools do (servers close theirs)
 # Context windows (tokens) of hosted models, by name prefix, longest prefix first; from the
 # providers' model pages. A model not listed has an unknown window: its history is sent whole.
 KNOWN_WINDOWS: dict[str, tuple[tuple[str, int], ...]] = {
@@ -249,6 +254,33 @@ def retry_after(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Proxy:
+    url: str  # without credentials
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # Proxy-Authorization, if any
+
+
+def env_proxy(url: str) -> Proxy | None:
+    """The proxy the environment names for a URL, as the SDKs' httpx2 reads it: `http_proxy`,
+    `https_proxy` or `all_proxy` (either case) for its scheme, unless `no_proxy` exempts its host.
+    Credentials in the proxy's URL become its Proxy-Authorization header."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if not host or urllib.request.proxy_bypass(f"{host}:{parts.port}" if parts.port else host):
+        return None
+    proxies = urllib.request.getproxies()
+    named = proxies.get(parts.scheme) or proxies.get("all")
+    if not named:
+        return None
+    proxy = urllib.parse.urlsplit(named if "://" in named else f"http://{named}")
+    netloc = proxy.netloc.rpartition("@")[2]
+    headers = {}
+    if proxy.username is not None:
+        pair = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    return Proxy(proxy._replace(netloc=netloc).geturl(), headers)
+
+
 # --- providers ----------------------------------------------------------------------------------
 
 
@@ -266,7 +298,9 @@ class Provider:
     reachable: bool | None = field(default=None, init=False)  # as last seen; None: not asked yet
     _client: Any = field(default=None, init=False, repr=False)
     _module: Any = field(default=None, init=False, repr=False)
-    _http: Any = field(default=None, init=False, repr=False)  # the SDK client's httpx2.AsyncClient
+    _session: Any = field(default=None, init=False, repr=False)  # aiohttp.ClientSession, chat requests
+    _ssl: Any = field(default=None, init=False, repr=False)  # its TLS context, as the SDK's client makes it
+    _proxy: Proxy | None = field(default=None, init=False, repr=False)  # from the environment, if any
     _headers: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _chat_url: str = field(default="", init=False, repr=False)
     chat_path: str = field(default="", init=False, repr=False)  # the chat endpoint, under base_url
@@ -297,23 +331,26 @@ class Provider:
         return f"{self.name} at {self.where}"
 
     async def client(self) -> Any:
-        """The SDK client, built once and reused; importing the SDK and building a client (16-32 ms)
-        both happen off the event loop, so the first use never stalls other streams."""
+        """The SDK client, built once and reused; importing the SDK and aiohttp and building a
+        client (16-32 ms) happen off the event loop, so the first use never stalls other streams.
+        The aiohttp session for chat requests is made beside it, on the loop (it belongs to one)."""
         if self._client is not None:
             return self._client
         async with self._building:
             if self._client is None:
-                self._client = await anyio.to_thread.run_sync(self._build)
+                client = await anyio.to_thread.run_sync(self._build)
+                self._session = self._open_session()
+                self._client = client
         return self._client
 
     def _build(self) -> Any:
         module = importlib.import_module(self.sdk)
+        importlib.import_module("aiohttp")
         self._module = module
         timeout = module.Timeout(self.timeouts.idle, connect=self.timeouts.connect)
-        # The SDK's own default pool (its limits, redirects, proxies from the environment), made
-        # here so that chat requests can be sent on it too.
-        self._http = module.DefaultAsyncHttpxClient(timeout=timeout)
-        client = self.build_client(module, self._http, timeout)
+        client = self.build_client(module, timeout)
+        # The certificates the SDK's own client trusts (SSL_CERT_FILE and SSL_CERT_DIR included).
+        self._ssl = sys.modules["httpx2"].create_ssl_context()
         # What the SDK sends with every request: auth, content type, user agent, API version...
         # (its X-Stainless-* telemetry describes its own request layer, which chat requests skip).
         sent = {**client.auth_headers, **client.default_headers}
@@ -324,9 +361,26 @@ class Provider:
         self._chat_url = str(
             base.copy_with(raw_path=base.raw_path.rstrip(b"/") + b"/" + self.chat_path.encode())
         )
+        self._proxy = env_proxy(self._chat_url)
+        if self._proxy is not None and not self._chat_url.startswith("https:"):
+            # A plain HTTP request through a proxy carries the proxy's credentials itself (over
+            # TLS they go on the tunnel's CONNECT: `proxy_headers`).
+            self._headers.update(self._proxy.headers)
         return client
 
-    def build_client(self, module: Any, http: Any, timeout: Any) -> Any:
+    def _open_session(self) -> Any:
+        """The chat requests' pool. Like the SDK's: its certificates, a connect timeout, and the idle
+        timeout as the longest wait for the next bytes. The proxy from the environment is read once
+        (`env_proxy`), not by aiohttp's `trust_env`, which reads it and ~/.netrc in a thread per request."""
+        aiohttp = sys.modules["aiohttp"]
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=CONNECTIONS, keepalive_timeout=KEEPALIVE, ssl=self._ssl),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self.timeouts.connect, sock_read=self.timeouts.idle
+            ),
+        )
+
+    def build_client(self, module: Any, timeout: Any) -> Any:
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -335,6 +389,9 @@ class Provider:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     # streaming
 
@@ -349,21 +406,21 @@ class Provider:
         """
         if not self.configured:
             raise ProviderNotConfigured(f"{self.name} is not configured: set {self.key_env_var}")
-        client = await self.client()
+        await self.client()
         opened = False
         for attempt in (1, 2):
             yielded = False
             try:
                 if opened:  # the first attempt was cut before its first token
-                    async with self.post(client, request, stream=False) as response:
-                        items = self.complete(json_object(await response.aread(), self.name))
+                    async with self.post(request, stream=False) as response:
+                        items = self.complete(json_object(await response.read(), self.name))
                     for item in items:
                         yield item
                     return
-                async with self.post(client, request, stream=True) as response:
+                async with self.post(request, stream=True) as response:
                     opened = True
                     self.reachable = True
-                    chunks = response.aiter_bytes()
+                    chunks = response.content.iter_any()
                     async for item in self.parse(sse_events(chunks)):
                         if isinstance(item, Finish):
                             await drain(chunks)
@@ -383,25 +440,31 @@ class Provider:
             await asyncio.sleep(RETRY_DELAY)
 
     @contextlib.asynccontextmanager
-    async def post(self, client: Any, request: ChatRequest, *, stream: bool) -> AsyncIterator[Any]:
-        """The chat request, posted on the SDK client's pool with its headers; the response (an
-        httpx2.Response, body not read yet) while it is open. An answer that is not a success is
-        raised as the ProviderError the SDK's exception for it would be translated to."""
+    async def post(self, request: ChatRequest, *, stream: bool) -> AsyncIterator[Any]:
+        """The chat request, posted on the provider's aiohttp session with the SDK's headers; the
+        response (an aiohttp.ClientResponse, body not read yet) while it is open. An answer that is
+        not a success is raised as the ProviderError the SDK's exception for it would become.
+        On the way out the connection goes back to the pool if the body was read to its end, and
+        is closed otherwise (the upstream stops generating at once)."""
         body = orjson.dumps(self.body(request, stream=stream))
         if log.isEnabledFor(logging.DEBUG):  # never the body: it holds the conversation
             where = f"{self.where.rstrip('/')}/{self.chat_path}"
             log.debug("%s: POST %s, model %s, %d bytes", self.name, where, request.model, len(body))
-        http = self._http
-        response = await http.send(
-            http.build_request("POST", self._chat_url, content=body, headers=self._headers), stream=True
+        proxy = self._proxy
+        response = await self._session.post(
+            self._chat_url,
+            data=body,
+            headers=self._headers,
+            proxy=proxy and proxy.url,
+            proxy_headers=proxy and proxy.headers,
         )
         try:
-            if not response.is_success:
-                await response.aread()
-                raise self.from_response(response, request.model)
+            if not 200 <= response.status < 300:
+                content = await response.read()
+                raise self.from_response(response.status, response.headers, content, request.model)
             yield response
         finally:
-            await response.aclose()
+            response.release()
 
     def body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         """The chat request in the provider's wire format."""
@@ -411,16 +474,18 @@ class Provider:
         """The text (if any) and the Finish of a whole reply (a request without streaming)."""
         raise NotImplementedError
 
-    def from_response(self, response: Any, model: str) -> ProviderError:
+    def from_response(
+        self, status: int, headers: Mapping[str, str], content: bytes, model: str
+    ) -> ProviderError:
         """An error answer to a chat request: what the upstream said, classified by its status."""
         try:
-            body: object = orjson.loads(response.content)
+            body: object = orjson.loads(content)
         except orjson.JSONDecodeError:
             body = None
         inner = as_dict(as_dict(body).get("error"))
         codes = (inner.get("code"), inner.get("type"), error_code(body))
         message = self.redact(upstream_message(body))
-        return self.from_status(response.status_code, message, model, response.headers, codes)
+        return self.from_status(status, message, model, headers, codes)
 
     async def count_tokens(self, request: ChatRequest) -> int | None:
         """The provider's own count of a request's input tokens; None where it offers none."""
@@ -498,10 +563,11 @@ class Provider:
 
     def translate(self, exc: Exception, model: str) -> ProviderError:
         """Map an SDK or transport exception to a ProviderError, by class (as httpx's
-        map_httpcore_exceptions does). Anything else is a bug of ours: raised as it is, so that it
-        reaches the log with its traceback instead of passing for the provider's fault."""
-        sdk, transport = self._module, sys.modules.get("httpx2")
-        if sdk is None or transport is None:
+        map_httpcore_exceptions does): httpx2's under the SDK, aiohttp's under chat requests.
+        Anything else is a bug of ours: raised as it is, so that it reaches the log with its
+        traceback instead of passing for the provider's fault."""
+        sdk, httpx2, aiohttp = self._module, sys.modules.get("httpx2"), sys.modules.get("aiohttp")
+        if sdk is None or httpx2 is None or aiohttp is None:
             raise exc
         if isinstance(exc, sdk.APIStatusError):
             headers = exc.response.headers
@@ -515,13 +581,20 @@ class Provider:
             exc = wrapper.__cause__
         if isinstance(exc, sdk.APITimeoutError):
             return self.timed_out()
-        if isinstance(exc, transport.ConnectTimeout | transport.ConnectError | sdk.APIConnectionError):
+        unreachable = (
+            httpx2.ConnectTimeout,
+            httpx2.ConnectError,
+            aiohttp.ConnectionTimeoutError,
+            aiohttp.ClientConnectorError,
+            sdk.APIConnectionError,
+        )
+        if isinstance(exc, unreachable):
             return ProviderUnreachable(
                 f"could not connect to {self.name} at {self.where}: is it running?", retryable=True
             )
-        if isinstance(exc, transport.TimeoutException):
+        if isinstance(exc, httpx2.TimeoutException | aiohttp.ServerTimeoutError):
             return self.timed_out()
-        if isinstance(exc, transport.TransportError):
+        if isinstance(exc, httpx2.TransportError | aiohttp.ClientError):
             name = type(exc).__name__
             return ProviderUnavailable(
                 f"the connection to {self.name} broke off mid-reply ({name}); try again", retryable=True
@@ -584,14 +657,13 @@ class OpenAICompatible(Provider):
 
     chat_path: str = field(default="chat/completions", init=False, repr=False)
 
-    def build_client(self, module: Any, http: Any, timeout: Any) -> Any:
+    def build_client(self, module: Any, timeout: Any) -> Any:
         # Local servers need no key, but the SDK refuses to start without one (llm does the same).
         client = module.AsyncOpenAI(
             api_key=self.api_key or "no-key-needed",
             base_url=self.base_url,
             timeout=timeout,
             max_retries=0,
-            http_client=http,
         )
         if not self.sends_account_ids:  # the SDK reads them from the environment for every client
             client.organization = client.project = None
@@ -758,9 +830,9 @@ class Anthropic(Provider):
 
     chat_path: str = field(default="v1/messages", init=False, repr=False)
 
-    def build_client(self, module: Any, http: Any, timeout: Any) -> Any:
+    def build_client(self, module: Any, timeout: Any) -> Any:
         return module.AsyncAnthropic(
-            api_key=self.api_key, base_url=self.base_url, timeout=timeout, max_retries=0, http_client=http
+            api_key=self.api_key, base_url=self.base_url, timeout=timeout, max_retries=0
         )
 
     def body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 `python -m bench.floor --port 0 --upstream URL` prints `PORT <n>` and serves `POST /` with a bare
 ASGI app under uvicorn (httptools, uvloop, as the service runs): it reads the body, posts it
-upstream as a stream on one pooled httpx2 client, reads the events, and answers the whole
-`chat.completion`. No routing, validation, auth, storage or accounting: what is left is the HTTP
-in and out that any proxy written with these libraries pays. The `v1` scenario measures it beside
-the service's `/v1`, so that a target in milliseconds can be read against what the machine allows.
+upstream as a stream on one aiohttp session (the service's transport for chat requests), reads
+the events, and answers the whole `chat.completion`. No routing, validation, auth, storage or
+accounting: what is left is the HTTP in and out that any proxy written with these libraries
+pays. The `v1` scenario measures it beside the service's `/v1`, so that a target in milliseconds
+can be read against what the machine allows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import socket
 from typing import Any
 
-import httpx2
+import aiohttp
 import orjson
 import uvicorn
 
@@ -22,7 +23,7 @@ Scope = dict[str, Any]
 
 
 def app_for(upstream: str) -> Any:
-    client = httpx2.AsyncClient(timeout=60, trust_env=False)
+    sessions: list[aiohttp.ClientSession] = []  # made on the server's loop, at the first request
     headers = {"content-type": "application/json", "authorization": "Bearer floor"}
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
@@ -40,9 +41,11 @@ def app_for(upstream: str) -> Any:
         parts: list[str] = []
         content = orjson.dumps(request)
         url = upstream + "/v1/chat/completions"
-        async with client.stream("POST", url, content=content, headers=headers) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
+        if not sessions:
+            sessions.append(aiohttp.ClientSession())
+        async with sessions[0].post(url, data=content, headers=headers) as response:
+            async for line in response.content:
+                if line.startswith(b"data: {"):
                     for choice in orjson.loads(line[6:]).get("choices") or []:
                         if text := (choice.get("delta") or {}).get("content"):
                             parts.append(text)
@@ -73,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     sock = socket.socket()
     sock.bind(("127.0.0.1", args.port))
+    sock.listen(2048)  # before the port is printed: a client may connect at once
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(
         app_for(args.upstream), http="httptools", loop="uvloop", log_level="warning", lifespan="off"

@@ -328,6 +328,54 @@ def test_connection_refused_says_where(upstream: FakeUpstream) -> None:
     assert "could not connect to ollama at http://127.0.0.1:9/v1" in raised.value.detail
 
 
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture
+def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+def test_chat_requests_go_through_the_proxy_the_environment_names(
+    upstream: FakeUpstream, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """The fake upstream stands in for the proxy: it sees the absolute URL a proxy is asked for,
+    and the proxy's credentials from its URL as Proxy-Authorization, never as the API's key."""
+    proxy = upstream.base_url.replace("http://", "http://me:p%40ss@")
+    clean_proxy_env.setenv("HTTP_PROXY", proxy)
+    provider = OpenAICompatible("far", "http://chat.invalid/v1", "sk-far", timeouts=FAST)
+    with pytest.raises(ProviderError):  # the fake knows no such path: what matters is that it was asked
+        run(collect(provider, request()))
+    sent = upstream.requests[-1]
+    assert sent.path == "http://chat.invalid/v1/chat/completions"
+    assert sent.headers["proxy-authorization"] == "Basic bWU6cEBzcw=="  # me:p@ss
+    assert sent.headers["authorization"] == "Bearer sk-far"
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "expected"),
+    [
+        ({}, "http://localhost:11434/v1/chat/completions", None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "http://localhost:11434/v1", None),  # another scheme's
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https://api.openai.com/v1", "http://proxy:3128"),
+        ({"ALL_PROXY": "proxy:3128"}, "https://api.openai.com/v1", "http://proxy:3128"),
+        ({"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "localhost"}, "http://localhost:11434/v1", None),
+        ({"https_proxy": "http://proxy:3128", "no_proxy": ".openai.com"}, "https://api.openai.com/v1", None),
+    ],
+)
+def test_the_proxy_is_read_from_the_environment_as_httpx_reads_it(
+    env: dict[str, str], url: str, expected: str | None, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        clean_proxy_env.setenv(name, value)
+    proxy = providers.env_proxy(url)
+    assert (proxy and proxy.url) == expected
+    assert proxy is None or proxy.headers == {}
+
+
 def test_credentials_in_a_base_url_are_never_shown() -> None:
     provider = OpenAICompatible("gpu", "https://user:hunter2@gpu.example:8443/v1?api-key=hunter2")
     assert provider.where == "https://gpu.example:8443/v1"
