@@ -486,14 +486,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
     add_error_handlers(app)
-    add_routes(app)
-    app.include_router(usage.router)
-    app.include_router(importing.router)
-    app.include_router(page.router)
-    app.include_router(search_index.router)
-    app.include_router(exporting.router)
-    app.include_router(chat.router)
+    # FastAPI tries routes in order, each included router route by route: the calls clients make
+    # in a loop (/v1, a chat turn) come first, the rare ones (import, export, the page) last.
     app.include_router(wire.router)
+    add_routes(app)
+    app.include_router(chat.router)
+    app.include_router(usage.router)
+    app.include_router(search_index.router)
+    app.include_router(page.router)
+    app.include_router(importing.router)
+    app.include_router(exporting.router)
     add_docs(app, token_required=token is not None)
     return app
 
