@@ -66,7 +66,7 @@ from schemas import (
 )
 from search_index import IndexDep, SearchIndex
 from storage import StorageError, Store
-from web import JSON, APIError, StoreDep, TableDep, client_key, error, provider_error_response
+from web import JSON, APIError, StoreDep, TableDep, client_key, error, json_body, provider_error_response
 
 __version__ = "0.1.0"
 
@@ -592,14 +592,6 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 JSON_EXAMPLE = """curl --json '{"message": "Hello"}' localhost:8000/api/chat"""
-
-
-def json_body(headers: Mapping[str, str]) -> bool:
-    """Is there no body, or one declared JSON (`application/json` or `application/*+json`)?"""
-    if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
-        return True
-    media = headers.get("content-type", "").partition(";")[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def not_json(content_type: str | None) -> str:

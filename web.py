@@ -67,6 +67,14 @@ def provider_error_response(exc: ProviderError, **extra: Any) -> JSON:
     return error(exc.status_code, exc.detail, exc.type, headers, **extra)
 
 
+def json_body(headers: Mapping[str, str]) -> bool:
+    """Is there no body, or one declared JSON (`application/json` or `application/*+json`)?"""
+    if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+        return True
+    media = headers.get("content-type", "").partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def client_key(request: Request) -> str:
     """Whom a rate limit counts: the bearer token when one is set, else the peer's address."""
     if request.app.state.settings.api_token is not None:

@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import fastapi
 import httpx2
 import openai
 import pytest
 import uvicorn
 
 import main
+import wire
 from tests.conftest import TOKEN, ledger_lines, settings_for
 from tests.fake_upstream import FakeUpstream, Reply
 from tokens import estimate_messages
+from wire_formats import OpenAIChatIn
 
 Serve = Callable[..., str]
 
@@ -234,6 +237,44 @@ def test_openai_features_not_offered_yet_are_a_bad_request(
     assert words in caught.value.message and "not supported" in caught.value.message
     assert caught.value.code == "not_supported"
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "words"),
+    [
+        (b"", "application/json", "a JSON body is required"),
+        (b'{"model": "openai/fake-gpt-1"}', "text/plain", "Content-Type: application/json"),
+        (b'{"model": "openai/fake-gpt-1", "messages": [', "application/json", "Invalid JSON"),
+        (b'{"model": "openai/fake-gpt-1", "messages": [{"role": "robot", "content": "hi"}]}', None, "role"),
+        (b'{"model": 7, "messages": []}', None, "model: Input should be a valid string"),
+    ],
+)
+def test_bad_bodies_are_a_bad_request_in_the_clients_format(
+    url: str, upstream: FakeUpstream, content: bytes, content_type: str | None, words: str
+) -> None:
+    """WireRoute's own body handling: each refusal is a 400 naming the place, in either format."""
+    headers = {"content-type": content_type or "application/json"}
+    openai_answer = httpx2.post(url + "/v1/chat/completions", content=content, headers=headers)
+    assert openai_answer.status_code == 400
+    error = openai_answer.json()["error"]
+    assert words in error["message"] and error["code"] == "invalid_request"
+    assert error["type"] == "invalid_request_error"
+    anthropic_answer = httpx2.post(url + "/v1/messages", content=content, headers=headers)
+    assert anthropic_answer.status_code == 400
+    assert anthropic_answer.json()["type"] == "error"
+    assert anthropic_answer.json()["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == []
+
+
+def test_a_wire_endpoint_takes_its_body_and_the_request_only() -> None:
+    """A dependency on a /v1 route would be skipped by WireRoute's handler: it is refused at once."""
+    router = fastapi.APIRouter(route_class=wire.WireRoute)
+
+    async def with_a_dependency(body: OpenAIChatIn, request: fastapi.Request, x: int = 0) -> Any:
+        return None
+
+    with pytest.raises(TypeError, match="must take"):
+        router.add_api_route("/x", with_a_dependency, methods=["POST"])
 
 
 def test_openai_errors_map_to_the_sdk_exception_classes(url: str, upstream: FakeUpstream, oai: OAI) -> None:
