@@ -23,7 +23,6 @@ import math
 import sys
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -261,15 +260,16 @@ class Proxy:
 
 
 def env_proxy(url: str) -> Proxy | None:
-    """The proxy the environment names for a URL, as the SDKs' httpx2 reads it: `http_proxy`,
-    `https_proxy` or `all_proxy` (either case) for its scheme, unless `no_proxy` exempts its host.
-    Credentials in the proxy's URL become its Proxy-Authorization header."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if not host or urllib.request.proxy_bypass(f"{host}:{parts.port}" if parts.port else host):
-        return None
-    proxies = urllib.request.getproxies()
-    named = proxies.get(parts.scheme) or proxies.get("all")
+    """The proxy the environment names for a URL (`http_proxy`, `https_proxy`, `all_proxy`,
+    `no_proxy`, either case), by httpx2's own rules for `trust_env`, so that a provider's chat
+    requests and its SDK's requests go the same way. Credentials in the proxy's URL become its
+    Proxy-Authorization header."""
+    from httpx2 import URL
+    from httpx2._utils import URLPattern, get_environment_proxies  # what httpx2's client mounts
+
+    target = URL(url)
+    mounts = sorted(get_environment_proxies().items(), key=lambda mount: URLPattern(mount[0]))
+    named = next((proxy for pattern, proxy in mounts if URLPattern(pattern).matches(target)), None)
     if not named:
         return None
     proxy = urllib.parse.urlsplit(named if "://" in named else f"http://{named}")
@@ -358,9 +358,7 @@ class Provider:
             k: v for k, v in sent.items() if isinstance(v, str) and not k.lower().startswith("x-stainless-")
         }
         base = client.base_url  # joined as the SDK joins a path to it
-        self._chat_url = str(
-            base.copy_with(raw_path=base.raw_path.rstrip(b"/") + b"/" + self.chat_path.encode())
-        )
+        self._chat_url = str(base.copy_with(path=base.path.rstrip("/") + "/" + self.chat_path))
         self._proxy = env_proxy(self._chat_url)
         if self._proxy is not None and not self._chat_url.startswith("https:"):
             # A plain HTTP request through a proxy carries the proxy's credentials itself (over
@@ -375,8 +373,13 @@ class Provider:
         aiohttp = sys.modules["aiohttp"]
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=CONNECTIONS, keepalive_timeout=KEEPALIVE, ssl=self._ssl),
+            # `connect` also bounds the DNS lookup, a proxy's answer to CONNECT and a wait for a free
+            # connection, which `sock_connect` (TCP and TLS) does not: as httpx2's connect timeout.
             timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self.timeouts.connect, sock_read=self.timeouts.idle
+                total=None,
+                connect=self.timeouts.connect,
+                sock_connect=self.timeouts.connect,
+                sock_read=self.timeouts.idle,
             ),
         )
 
@@ -386,12 +389,13 @@ class Provider:
     async def aclose(self) -> None:
         if self._refresh is not None:
             self._refresh.cancel()
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        client, session, self._client, self._session = self._client, self._session, None, None
+        try:
+            if client is not None:
+                await client.close()
+        finally:
+            if session is not None:
+                await session.close()
 
     # streaming
 

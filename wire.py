@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import fastapi.routing
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -72,6 +73,7 @@ NEVER_RETRY = (ProviderSpendLimit, ProviderAuthFailed)  # waiting will not fix t
 CONVERSATION_HEADER = "X-Conversation-Id"
 
 Endpoint = Callable[..., Coroutine[Any, Any, Response]]
+UTF8_BOM = b"\xef\xbb\xbf"  # a JSON text may start with one (RFC 8259 §8.1): Notepad saves it
 
 
 class WireRoute(APIRoute):
@@ -80,18 +82,29 @@ class WireRoute(APIRoute):
     (`model_validate_json`) and the endpoint gets it with the request: FastAPI's own handler
     (the stdlib's json, dependency solving, a TypeAdapter) took a fifth of a `/v1` call's CPU
     (BENCHMARKS.md). Refusals are FastAPI's `RequestValidationError`, with `body` first in each
-    `loc` as FastAPI gives it, so the same handler answers them. An endpoint takes `(body,
-    request)` or `(request)`: anything else, such as a dependency, fails when the route is made.
+    `loc` as FastAPI gives it, so the same handler answers them.
+
+    This handler runs no dependencies, so a route that has any (its own, its router's, or its
+    inclusion's) fails when it is made, as does an endpoint that is not `async def (body,
+    request)` with a pydantic model for `body`, or `async def (request)`.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint: Endpoint = self.endpoint
+        # As APIRoute's own: an included route is served with its inclusion's dependencies.
+        context = fastapi.routing._effective_route_context_var.get()
+        route = context if context is not None and context.original_route is self else self
+        dependencies = route.dependant.dependencies
         parameters = list(inspect.signature(endpoint).parameters)
-        if parameters == ["request"]:
+        model = typing.get_type_hints(endpoint).get("body") if parameters == ["body", "request"] else None
+        served = parameters == ["request"] or (isinstance(model, type) and issubclass(model, BaseModel))
+        if dependencies or self._embed_body_fields or not served or not inspect.iscoroutinefunction(endpoint):
+            raise TypeError(
+                f"/v1 endpoint {endpoint.__name__} must be async, take (body: a model, request) or "
+                f"(request), and have no dependencies: WireRoute runs none"
+            )
+        if model is None:
             return endpoint
-        if parameters != ["body", "request"]:
-            raise TypeError(f"/v1 endpoint {endpoint.__name__} must take (body, request) or (request)")
-        model: type[BaseModel] = typing.get_type_hints(endpoint)["body"]
 
         async def handle(request: Request) -> Response:
             try:
@@ -111,7 +124,7 @@ class WireRoute(APIRoute):
                 ]
             else:
                 try:
-                    body = model.model_validate_json(raw)
+                    body = model.model_validate_json(raw.removeprefix(UTF8_BOM))
                 except ValidationError as exc:
                     errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
                 else:

@@ -355,6 +355,18 @@ def test_chat_requests_go_through_the_proxy_the_environment_names(
     assert sent.headers["authorization"] == "Bearer sk-far"
 
 
+def test_a_proxy_that_never_answers_connect_is_a_connect_timeout(clean_proxy_env: pytest.MonkeyPatch) -> None:
+    """The connect timeout bounds the proxy's answer to CONNECT (and the DNS lookup), not just TCP."""
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        clean_proxy_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        provider = OpenAICompatible("far", "https://chat.invalid/v1", "sk-far", timeouts=FAST)
+        with pytest.raises(ProviderUnavailable) as raised:
+            run(asyncio.wait_for(collect(provider, request()), 60))  # the bound only stops a hang
+    assert "could not connect to far" in raised.value.detail
+
+
 @pytest.mark.parametrize(
     ("env", "url", "expected"),
     [
@@ -364,6 +376,15 @@ def test_chat_requests_go_through_the_proxy_the_environment_names(
         ({"ALL_PROXY": "proxy:3128"}, "https://api.openai.com/v1", "http://proxy:3128"),
         ({"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "localhost"}, "http://localhost:11434/v1", None),
         ({"https_proxy": "http://proxy:3128", "no_proxy": ".openai.com"}, "https://api.openai.com/v1", None),
+        ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "192.168.0.0/16"}, "http://192.168.1.20:8080/v1", None),
+        ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "*.corp.example"}, "http://gpu.corp.example/v1", None),
+        ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "[::1]"}, "http://[::1]:11434/v1", None),
+        ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "*"}, "http://gpu.corp.example/v1", None),
+        (
+            {"HTTP_PROXY": "http://p:1", "NO_PROXY": "gpu.corp.example"},
+            "http://other.example/v1",
+            "http://p:1",
+        ),
     ],
 )
 def test_the_proxy_is_read_from_the_environment_as_httpx_reads_it(
@@ -374,6 +395,16 @@ def test_the_proxy_is_read_from_the_environment_as_httpx_reads_it(
     proxy = providers.env_proxy(url)
     assert (proxy and proxy.url) == expected
     assert proxy is None or proxy.headers == {}
+
+
+def test_a_query_in_the_base_url_stays_a_query(upstream: FakeUpstream) -> None:
+    """Some gateways take their key or API version in the query: the chat path goes before it."""
+    provider = OpenAICompatible(
+        "gateway", upstream.openai_base_url + "?api-version=2025-01-01", timeouts=FAST
+    )
+    text, _ = run(collect(provider, request(text="hi")))
+    assert text == "You said: hi"
+    assert upstream.requests[-1].path == "/v1/chat/completions"
 
 
 def test_credentials_in_a_base_url_are_never_shown() -> None:

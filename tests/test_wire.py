@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anthropic
 import fastapi
@@ -22,6 +22,7 @@ import httpx2
 import openai
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 
 import main
 import wire
@@ -266,15 +267,59 @@ def test_bad_bodies_are_a_bad_request_in_the_clients_format(
     assert upstream.requests == []
 
 
-def test_a_wire_endpoint_takes_its_body_and_the_request_only() -> None:
-    """A dependency on a /v1 route would be skipped by WireRoute's handler: it is refused at once."""
+async def plain(body: OpenAIChatIn, request: fastapi.Request) -> Any:
+    return None
+
+
+async def one_more(body: OpenAIChatIn, request: fastapi.Request, x: int = 0) -> Any:
+    return None
+
+
+def blocking(body: OpenAIChatIn, request: fastapi.Request) -> Any:
+    return None
+
+
+async def guarded(
+    body: Annotated[OpenAIChatIn, fastapi.Depends(lambda: None)], request: fastapi.Request
+) -> Any:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "router_options"),
+    [
+        (one_more, {}),
+        (blocking, {}),
+        (guarded, {}),
+        (plain, {"dependencies": [fastapi.Depends(lambda: None)]}),
+    ],
+)
+def test_a_wire_route_refuses_what_its_handler_would_skip(
+    endpoint: Any, router_options: dict[str, Any]
+) -> None:
+    """WireRoute's handler runs no dependencies: a route that has any, or another signature, fails
+    when it is added, instead of being served without them."""
+    router = fastapi.APIRouter(route_class=wire.WireRoute, **router_options)
+    with pytest.raises(TypeError, match="WireRoute runs none"):
+        router.add_api_route("/x", endpoint, methods=["POST"])
+
+
+def test_a_wire_route_refuses_its_inclusions_dependencies() -> None:
     router = fastapi.APIRouter(route_class=wire.WireRoute)
+    router.add_api_route("/x", plain, methods=["POST"])
+    app = fastapi.FastAPI()
+    app.include_router(router, dependencies=[fastapi.Depends(lambda: None)])
+    with TestClient(app) as client, pytest.raises(TypeError, match="WireRoute runs none"):
+        client.post("/x", json={"model": "m", "messages": []})  # FastAPI builds an inclusion's routes then
 
-    async def with_a_dependency(body: OpenAIChatIn, request: fastapi.Request, x: int = 0) -> Any:
-        return None
 
-    with pytest.raises(TypeError, match="must take"):
-        router.add_api_route("/x", with_a_dependency, methods=["POST"])
+def test_a_body_that_starts_with_a_byte_order_mark_is_read(url: str, upstream: FakeUpstream) -> None:
+    body = b'\xef\xbb\xbf{"model": "openai/fake-gpt-1", "messages": [{"role": "user", "content": "hi"}]}'
+    answer = httpx2.post(
+        url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 200
+    assert answer.json()["choices"][0]["message"]["content"] == "You said: hi"
 
 
 def test_openai_errors_map_to_the_sdk_exception_classes(url: str, upstream: FakeUpstream, oai: OAI) -> None:
