@@ -549,8 +549,15 @@ def test_models_answer_at_once_then_from_the_refreshed_listing(
     first = [m.id for m in oai(url).models.list()]
     assert "openai/gpt-4o-mini" in first and "anthropic/claude-sonnet-4-6" in first  # the fallbacks
     deadline = time.monotonic() + 30
-    refreshed = {"openai/fake-gpt-1", "openai/fake-gpt-2", "lmstudio/fake-gpt-1", "anthropic/claude-fake-1"}
-    while not refreshed <= set(ids := [m.id for m in oai(url).models.list()]):  # each provider in its time
+    # every provider's refresh (each arrives in its own time; the two listings below must agree)
+    refreshed = {
+        "openai/fake-gpt-1",
+        "openai/fake-gpt-2",
+        "ollama/fake-gpt-1",
+        "lmstudio/fake-gpt-1",
+        "anthropic/claude-fake-1",
+    }
+    while not refreshed <= set(ids := [m.id for m in oai(url).models.list()]):
         assert time.monotonic() < deadline, "the background refresh never arrived"
         time.sleep(0.05)
     page = ant(url).models.list()
