@@ -3,9 +3,13 @@
 
 Non-streaming: one short question (stateless on `/v1`: nothing is written; the `/api/chat` turn
 writes twice), also through `bench.floor` (the least any Python proxy on this stack adds: a bare
-ASGI app that posts the request upstream with httpx2) and, with `--vs-litellm`, through LiteLLM's
-proxy. Streaming: a reply of 1,000 chunks, whose cost per chunk should be no higher on `/v1` than
-on `/api/chat`.
+ASGI app that posts the request upstream with aiohttp, as the service does) and, with
+`--vs-litellm`, through LiteLLM's proxy. Streaming: a reply of 1,000 chunks, whose cost per
+chunk should be no higher on `/v1` than on `/api/chat`.
+
+The goal "under 1 ms added" was set beside a direct call of 0.6 ms (and LiteLLM at 7.0 ms) on a
+faster machine. It is reported twice: as it stands, in milliseconds on this machine, and in the
+unit of its own baseline (added time over the direct call's, in the same repeat: under 1/0.6).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from bench.stats import spread
 REPEATS = 5
 QUESTION = [{"role": "user", "content": "how is the weather today?"}]
 MODEL = "openai/" + MODELS["openai"]
+ANCHOR_DIRECT_MS = 0.6  # the direct call beside which the issue set "under 1 ms added"
+GOAL_SHARE = 1.0 / ANCHOR_DIRECT_MS
 
 
 async def run(bench: Bench) -> None:
@@ -64,11 +70,19 @@ async def run(bench: Bench) -> None:
     bench.row("non-streaming call, c=1: against a bare proxy", cells, "floor: bench/floor.py", table="floor")
     bench.results["v1_floor"] = {"floor": vars(least), "v1": vars(v1)}
     bench.target(
-        "/v1 added p50 per call, c=1",
+        "/v1 added p50 per call, c=1, in ms on this machine",
         "< 1 ms",
         f"{min(v1.added):.1f}-{max(v1.added):.1f} ms over repeats (a bare proxy: "
         f"{min(least.added):.1f}-{max(least.added):.1f} ms)",
         max(v1.added) < 1.0,
+    )
+    shares = [r - 1 for r in v1.ratios]
+    bench.target(
+        "/v1 added p50 per call, c=1, in the goal's own unit",
+        f"< 1 ms where a direct call takes {ANCHOR_DIRECT_MS} ms: added < {GOAL_SHARE:.2f}x direct",
+        f"{min(shares):.2f}-{max(shares):.2f}x direct over repeats (a bare proxy: "
+        f"{min(r - 1 for r in least.ratios):.2f}-{max(r - 1 for r in least.ratios):.2f}x)",
+        max(shares) < GOAL_SHARE,
     )
 
     ask = [{"role": "user", "content": "chunks=1000"}]
@@ -89,7 +103,7 @@ async def run(bench: Bench) -> None:
         "/v1 cost per streamed chunk no higher than /api/chat's",
         "<= /api/chat",
         f"{v1_added:.0f} µs vs {api_added:.0f} µs a chunk (best repeat)",
-        v1_added <= api_added * 1.1,
+        v1_added <= api_added + abs(api_added) * 0.1,  # either may be below the direct read's
     )
 
 
