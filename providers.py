@@ -675,10 +675,7 @@ class OpenAICompatible(Provider):
     def build_client(self, module: Any, timeout: Any) -> Any:
         # Local servers need no key, but the SDK refuses to start without one (llm does the same).
         client = module.AsyncOpenAI(
-            api_key=self.api_key or "no-key-needed",
-            base_url=self.base_url,
-            timeout=timeout,
-            max_retries=0,
+            api_key=self.api_key or "no-key-needed", base_url=self.base_url, timeout=timeout, max_retries=0
         )
         if not self.sends_account_ids:  # the SDK reads them from the environment for every client
             client.organization = client.project = None
